@@ -1,0 +1,47 @@
+"""Every Redis key and stream name Reef uses, defined once and namespaced.
+
+Streams carry the event flow; plain keys hold the little shared state there is.
+``Keys(namespace)`` renders them, so two Reefs (or two tests) can share one Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TURNS = "turns"
+"""Stream of recorded turns (``turn.v1``); produced by the gateway, read by the scorer."""
+SCORED = "scored"
+"""Stream of scored turns (``scored.v1``); read by the skill-miner and the trainer."""
+SKILLS = "skills"
+"""Stream of skill-library events (``skill.v1``); every gateway replica follows it."""
+WEIGHTS = "weights"
+"""Stream of new-adapter events (``weights.v1``); the policy server and gateways follow it."""
+DEAD_SUFFIX = ":dead"
+"""Appended to a stream's key to name its dead-letter stream."""
+
+GROUP_SCORER = "scorer"
+GROUP_SKILL_MINER = "skill-miner"
+GROUP_TRAINER = "trainer"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under one namespace."""
+
+    namespace: str = "reef"
+
+    def stream(self, name: str) -> str:
+        """The key of a stream (``turns``, ``scored`` ...)."""
+        return f"{self.namespace}:stream:{name}"
+
+    def dead(self, name: str) -> str:
+        """The dead-letter stream of a stream."""
+        return self.stream(name) + DEAD_SUFFIX
+
+    def turn_index(self, tenant: str, session_id: str) -> str:
+        """Counter of turns recorded in a session (INCR gives the next index)."""
+        return f"{self.namespace}:session:{tenant}:{session_id}:turns"
+
+    def dedupe(self, kind: str, message_id: str) -> str:
+        """Marker that a message id was already produced (idempotent replay)."""
+        return f"{self.namespace}:seen:{kind}:{message_id}"

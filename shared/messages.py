@@ -1,0 +1,148 @@
+"""The messages carried by Reef's streams.
+
+Each is a frozen pydantic model with a versioned ``kind`` and a producer-set ``id`` that
+consumers use as the idempotency key. On the wire a stream entry has two fields:
+``kind`` and ``data`` (the model as JSON). Nothing is pickled. A breaking change gets a
+new kind (``turn.v2``); consumers accept both while producers move over.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+def new_id() -> str:
+    """A producer-set message id (sortable by creation time)."""
+    return f"{time.time_ns():x}-{uuid.uuid4().hex[:12]}"
+
+
+class Message(BaseModel):
+    """Base of every stream message."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    kind: str
+    id: str = Field(default_factory=new_id)
+    created_at: float = Field(default_factory=time.time)
+
+    def to_fields(self) -> dict[str, bytes]:
+        """The stream entry for this message."""
+        return {"kind": self.kind.encode(), "data": orjson.dumps(self.model_dump(mode="json"))}
+
+
+class TokenLogprobs(BaseModel):
+    """What the model sampled, as the upstream reported it. Lists are aligned."""
+
+    model_config = ConfigDict(frozen=True)
+
+    token_ids: list[int] = Field(default_factory=list)
+    """Sampled token ids (empty when the upstream returns only token strings)."""
+    tokens: list[str] = Field(default_factory=list)
+    logprobs: list[float] = Field(default_factory=list)
+    prompt_token_ids: list[int] = Field(default_factory=list)
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class TurnV1(Message):
+    """One request/response exchange, recorded by the gateway after the answer completed."""
+
+    kind: Literal["turn.v1"] = "turn.v1"
+    tenant: str
+    session_id: str
+    turn_index: int = -1
+    """Position in the session, assigned in Redis when recorded (-1 before that)."""
+    turn_type: Literal["main", "side"] = "main"
+    session_done: bool = False
+    request_model: str
+    upstream_model: str
+    policy_version: str | None = None
+    messages: list[dict[str, Any]]
+    """The messages actually sent upstream (after skill injection)."""
+    request_params: dict[str, Any] = Field(default_factory=dict)
+    """Sampling parameters and tools of the request (everything but messages)."""
+    response_message: dict[str, Any]
+    """The assistant message the client received (content, tool_calls, reasoning_content)."""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    sampled: TokenLogprobs | None = None
+    latency_seconds: float = 0.0
+    stream: bool = False
+    completed: bool = True
+    """False when the client went away before the answer ended."""
+    skill_ids: list[str] = Field(default_factory=list)
+
+
+class ScoredV1(Message):
+    """A turn with its reward, produced once per turn by the scorer."""
+
+    kind: Literal["scored.v1"] = "scored.v1"
+    turn: TurnV1
+    reward: float | None
+    """None means unscored (the judge kept failing): never trained on."""
+    components: dict[str, float] = Field(default_factory=dict)
+    votes: list[int] = Field(default_factory=list)
+    rationale: str = ""
+    trainable: bool = True
+    teacher_hint: str | None = None
+
+
+class SkillEventV1(Message):
+    """A change in a tenant's skill library; gateways refresh their index on it."""
+
+    kind: Literal["skill.v1"] = "skill.v1"
+    tenant: str
+    skill_id: str
+    action: Literal["created", "updated", "activated", "retired", "deleted"]
+    version: int = 1
+
+
+class WeightsEventV1(Message):
+    """A new adapter is ready to serve."""
+
+    kind: Literal["weights.v1"] = "weights.v1"
+    tenant: str
+    adapter: str
+    version: int
+    path: str
+    """Where the policy server loads it from (a directory or a Tinker URI)."""
+    step: int = 0
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+MESSAGE_KINDS: dict[str, type[Message]] = {
+    m.model_fields["kind"].default: m for m in (TurnV1, ScoredV1, SkillEventV1, WeightsEventV1)
+}
+"""Every kind a consumer may meet, by name."""
+
+
+class BadMessage(ValueError):
+    """A stream entry that is not a valid message; it goes to the dead-letter stream."""
+
+
+def decode(fields: dict[bytes, bytes]) -> Message:
+    """The message in a stream entry, validated; raises ``BadMessage``."""
+    kind_raw = fields.get(b"kind")
+    data = fields.get(b"data")
+    if kind_raw is None or data is None:
+        raise BadMessage("entry lacks 'kind' or 'data'")
+    kind = kind_raw.decode(errors="replace")
+    model = MESSAGE_KINDS.get(kind)
+    if model is None:
+        raise BadMessage(f"unknown message kind {kind!r}")
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        raise BadMessage(f"invalid {kind}: {exc.error_count()} error(s): "
+                         f"{exc.errors()[0]['loc']} {exc.errors()[0]['msg']}") from None

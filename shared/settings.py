@@ -1,0 +1,221 @@
+"""Every knob of every Reef service, in one model a user can read top to bottom.
+
+Values come from (highest first): keyword arguments, environment variables prefixed
+``REEF_`` (``REEF_REDIS_URL``, ``REEF_LORA_RANK`` ...), a ``.env`` file, and a config
+file named by ``REEF_CONFIG`` (TOML or YAML; ``reef.toml`` / ``reef.yaml`` in the working
+directory are picked up when it is unset). Field names follow the seed system's
+``MetaClawConfig`` where one exists (``use_skills``, ``lora_rank``, ``loss_fn`` ...).
+
+Settings are built once, in each service's ``__main__``, and passed down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "changeme", "change-me", "change_me", "xxx", "secret", "password", "sk-xxx",
+     "sk-placeholder", "placeholder", "your-key-here", "todo"}
+)
+"""Values that mean "nobody set this secret"; refused outside the dev profile."""
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the field."""
+
+
+def hash_api_key(key: str) -> str:
+    """The form in which API keys are stored and compared: ``sha256:<hex>``."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def _config_file() -> Path | None:
+    named = os.environ.get("REEF_CONFIG")
+    if named:
+        return Path(named)
+    for candidate in ("reef.toml", "reef.yaml", "reef.yml"):
+        if Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+class Settings(BaseSettings):
+    """Reef's configuration. Sections follow the data flow: infrastructure, gateway,
+    upstream model, scorer, skills, trainer."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="REEF_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    # --- deployment -------------------------------------------------------------------
+    profile: Literal["dev", "prod"] = "prod"
+    """``dev`` allows placeholder secrets and no API keys; ``prod`` refuses to start so."""
+    namespace: str = "reef"
+    """Prefix of every Redis key and stream, so several Reefs can share one Redis."""
+    log_level: str = "INFO"
+    log_content: bool = False
+    """Log prompts and completions. Off by default: they may hold personal data."""
+    data_dir: Path = Path("var")
+    """Where local state lives: the gateway's spool, model caches, checkpoints."""
+
+    # --- redis ------------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password: SecretStr | None = None
+    stream_maxlen: int = 1_000_000
+    """Approximate cap (``MAXLEN ~``) of every stream; far above any expected lag."""
+    dedupe_ttl_seconds: int = 7 * 24 * 3600
+    """How long a producer id is remembered, so a replayed message is recorded once."""
+
+    # --- stream workers -----------------------------------------------------------------
+    worker_block_ms: int = 2000
+    """XREADGROUP block time; also the longest a SIGTERM waits for the read to return."""
+    worker_batch_size: int = 32
+    worker_concurrency: int = 16
+    """Entries of one batch handled at once (judge calls are I/O bound)."""
+    worker_claim_idle_ms: int = 30_000
+    """An entry pending this long is reclaimed (XAUTOCLAIM) by any worker of the group."""
+    worker_max_deliveries: int = 5
+    """After this many deliveries an entry goes to the dead-letter stream."""
+    metrics_port: int = 0
+    """Port for a worker's ``/metrics``; 0 picks none (the gateway serves its own)."""
+
+    # --- gateway ------------------------------------------------------------------------
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    api_keys: dict[str, str] = Field(default_factory=dict)
+    """API key -> tenant. Keys may be given hashed (``sha256:<hex>``, see
+    ``reef hash-key``); plain ones are hashed on load and never kept."""
+    admin_key: SecretStr | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    spool_max_bytes: int = 1024 * 1024 * 1024
+    """The local spool used while Redis is down; turns beyond it are counted as lost."""
+    recorder_queue_size: int = 10_000
+    served_model_names: list[str] = Field(default_factory=list)
+    """Names listed by ``GET /v1/models``; empty means ask the upstream."""
+
+    # --- upstream model -----------------------------------------------------------------
+    upstream_base_url: str = "http://127.0.0.1:8001/v1"
+    upstream_api_key: SecretStr | None = None
+    model_map: dict[str, str] = Field(default_factory=dict)
+    """Client model name -> upstream model name; names not in it pass unchanged."""
+    upstream_timeout_seconds: float = 600.0
+    """Total time for one upstream answer (a streamed one may take long)."""
+    upstream_connect_timeout_seconds: float = 5.0
+    upstream_retries: int = 2
+    """Retries of a request whose connection failed before anything was sent."""
+    upstream_max_connections: int = 256
+    request_logprobs: bool = False
+    """Ask the upstream for sampled-token logprobs (and token ids), for training.
+    They are removed from the answer when the client did not ask for them."""
+    request_token_ids: bool = False
+    """Ask for sampled token ids (``return_token_ids``: vLLM and Reef's policy server)."""
+
+    # --- policy server (the embedded default model) --------------------------------------
+    model_name: str = "SmolLM2-135M-Instruct"
+    """Base model. For the local backend a Hugging Face directory or the embedded
+    SmolLM2; for Tinker a name the service lists (checked at start)."""
+    policy_host: str = "127.0.0.1"
+    policy_port: int = 8001
+    policy_device: str = "cpu"
+    policy_max_new_tokens: int = 256
+    policy_threads: int = 0
+    """torch threads for generation; 0 lets torch decide."""
+
+    # --- scorer -------------------------------------------------------------------------
+    use_prm: bool = False
+    """Score turns with an LLM judge (process reward model)."""
+    prm_model: str = ""
+    prm_m: int = 3
+    """Judge votes per turn (majority)."""
+    prm_base_url: str = ""
+    prm_api_key: SecretStr | None = None
+    azure_openai_deployment: str = ""
+    azure_openai_endpoint: str = Field("", validation_alias="AZURE_OPENAI_ENDPOINT")
+    azure_openai_api_key: SecretStr | None = Field(None, validation_alias="AZURE_OPENAI_API_KEY")
+    session_idle_seconds: float = 600.0
+    """A session with no new turn for this long is finalised (its last turn scored)."""
+
+    # --- skills -------------------------------------------------------------------------
+    use_skills: bool = False
+    retrieval_mode: Literal["embedding", "bm25"] = "embedding"
+    skill_top_k: int = 6
+    enable_skill_evolution: bool = False
+    max_new_skills: int = 3
+    skill_update_threshold: float = 0.0
+
+    # --- trainer ------------------------------------------------------------------------
+    mode: Literal["rl", "opd", "skills_only", "auto"] = "auto"
+    backend: Literal["local", "tinker"] = "local"
+    tinker_api_key: SecretStr | None = Field(None, validation_alias="TINKER_API_KEY")
+    lora_rank: int = 32
+    learning_rate: float = 1e-4
+    batch_size: int = 16
+    max_steps: int = 1000
+    loss_fn: Literal["importance_sampling", "ppo", "cispo"] = "importance_sampling"
+    use_opd: bool = False
+    teacher_model: str = ""
+    kl_penalty_coef: float = 1.0
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hash_keys(cls, keys: dict[str, str]) -> dict[str, str]:
+        return {k if k.startswith("sha256:") else hash_api_key(k): t for k, t in keys.items()}
+
+    @model_validator(mode="after")
+    def _refuse_placeholders(self) -> Settings:
+        if self.profile == "dev":
+            return self
+        if not self.api_keys:
+            raise ConfigError("api_keys (REEF_API_KEYS) is empty: every request would be refused; "
+                              "set keys or use REEF_PROFILE=dev")
+        for key in self.api_keys:
+            if key in _PLACEHOLDER_HASHES:
+                raise ConfigError("api_keys (REEF_API_KEYS) holds a placeholder key")
+        for name in ("upstream_api_key", "admin_key", "redis_password", "prm_api_key",
+                     "azure_openai_api_key", "tinker_api_key"):
+            value = getattr(self, name)
+            if value is not None and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
+                raise ConfigError(f"{name} (REEF_{name.upper()}) is a placeholder value")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        path = _config_file()
+        if path is not None:
+            if not path.is_file():
+                raise ConfigError(f"REEF_CONFIG names {path}, which is not a file")
+            if path.suffix == ".toml":
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            else:
+                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    def redis_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``redis.asyncio.from_url`` (password kept out of the URL)."""
+        kwargs: dict[str, Any] = {}
+        if self.redis_password is not None:
+            kwargs["password"] = self.redis_password.get_secret_value()
+        return kwargs
+
+
+_PLACEHOLDER_HASHES = frozenset(hash_api_key(p) for p in PLACEHOLDER_SECRETS if p)
