@@ -99,9 +99,11 @@ class Settings(BaseSettings):
     ``reef hash-key``); plain ones are hashed on load and never kept."""
     admin_key: SecretStr | None = None
     max_body_bytes: int = 4 * 1024 * 1024
-    spool_max_bytes: int = 1024 * 1024 * 1024
-    """The local spool used while Redis is down; turns beyond it are counted as lost."""
-    recorder_queue_size: int = 10_000
+    spool_path: Path | None = None
+    """The local append-only file turns go to while Redis is down, replayed in order
+    when it is back. Default: ``<data_dir>/spool/turns.jsonl``."""
+    recorder_batch_size: int = 256
+    """Turns sent to Redis in one pipeline by the gateway's background recorder."""
     served_model_names: list[str] = Field(default_factory=list)
     """Names listed by ``GET /v1/models``; empty means ask the upstream."""
 
@@ -121,6 +123,8 @@ class Settings(BaseSettings):
     They are removed from the answer when the client did not ask for them."""
     request_token_ids: bool = False
     """Ask for sampled token ids (``return_token_ids``: vLLM and Reef's policy server)."""
+    request_stream_usage: bool = True
+    """Ask streamed answers for a final usage chunk (removed if the client did not ask)."""
 
     # --- policy server (the embedded default model) --------------------------------------
     model_name: str = "SmolLM2-135M-Instruct"
@@ -186,7 +190,7 @@ class Settings(BaseSettings):
         for name in ("upstream_api_key", "admin_key", "redis_password", "prm_api_key",
                      "azure_openai_api_key", "tinker_api_key"):
             value = getattr(self, name)
-            if value is not None and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
+            if value is not None and _is_placeholder(value.get_secret_value()):
                 raise ConfigError(f"{name} (REEF_{name.upper()}) is a placeholder value")
         return self
 
@@ -210,12 +214,20 @@ class Settings(BaseSettings):
                 sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
 
+    def resolved_spool_path(self) -> Path:
+        """The gateway's spool file."""
+        return self.spool_path or self.data_dir / "spool" / "turns.jsonl"
+
     def redis_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``redis.asyncio.from_url`` (password kept out of the URL)."""
         kwargs: dict[str, Any] = {}
         if self.redis_password is not None:
             kwargs["password"] = self.redis_password.get_secret_value()
         return kwargs
+
+
+def _is_placeholder(secret: str) -> bool:
+    return secret.strip().lower() in PLACEHOLDER_SECRETS
 
 
 _PLACEHOLDER_HASHES = frozenset(hash_api_key(p) for p in PLACEHOLDER_SECRETS if p)

@@ -1,0 +1,165 @@
+"""The gateway's HTTP app: OpenAI-compatible endpoints, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import orjson
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from services.gateway.auth import Authenticator
+from services.gateway.chat import ChatHandler
+from services.gateway.errors import APIError, error_response, upstream_error
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.recorder import Recorder
+from services.gateway.request import parse_json, read_chat_request
+from services.gateway.upstream import Upstream
+from shared.keys import Keys
+from shared.settings import Settings
+
+
+@dataclass
+class Gateway:
+    """Everything one gateway process holds; built in the app's lifespan."""
+
+    settings: Settings
+    metrics: GatewayMetrics
+    auth: Authenticator
+    redis: aioredis.Redis
+    upstream: Upstream
+    recorder: Recorder
+    chat: ChatHandler
+
+
+def build_gateway(settings: Settings, metrics: GatewayMetrics | None = None) -> Gateway:
+    """Wire the gateway's parts (nothing started yet)."""
+    metrics = metrics or GatewayMetrics.create()
+    redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
+                              **settings.redis_kwargs())
+    upstream = Upstream(settings, metrics)
+    recorder = Recorder(redis, Keys(settings.namespace), settings.resolved_spool_path(),
+                        metrics, settings.stream_maxlen, settings.dedupe_ttl_seconds,
+                        settings.recorder_batch_size)
+    return Gateway(settings, metrics, Authenticator(settings), redis, upstream, recorder,
+                   ChatHandler(settings, upstream, recorder, metrics))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 as soon as it grows past ``limit`` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise APIError(413, f"Request body exceeds {limit} bytes.", code="request_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"Request body exceeds {limit} bytes.",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> FastAPI:
+    """The gateway as an ASGI app."""
+    gw = build_gateway(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gw.upstream.start()
+        gw.recorder.start()
+        try:
+            yield
+        finally:
+            await gw.recorder.close()
+            await gw.upstream.close()
+            await gw.redis.aclose()
+
+    app = FastAPI(title="Reef gateway", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.gateway = gw
+    _add_error_handlers(app)
+    _add_routes(app, gw)
+    return app
+
+
+def _add_routes(app: FastAPI, gw: Gateway) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        started = time.perf_counter()
+        caller = gw.auth(request.headers)
+        body = parse_json(await read_body(request, gw.settings.max_body_bytes))
+        chat = read_chat_request(body, request.headers, caller.tenant, caller.key_hash,
+                                 gw.settings.model_map)
+        return await gw.chat(chat, caller.tenant, started)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        gw.auth(request.headers)
+        names = gw.settings.served_model_names or list(gw.settings.model_map)
+        if names:
+            data = [{"id": n, "object": "model", "created": 0, "owned_by": "reef"}
+                    for n in names]
+            return Response(orjson.dumps({"object": "list", "data": data}),
+                            media_type="application/json")
+        resp = await gw.upstream.request("GET", "/models")
+        try:
+            raw = await resp.read()
+        finally:
+            resp.release()
+        if resp.status >= 400:
+            raise upstream_error(resp.status, raw)
+        return Response(raw, media_type="application/json")
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        redis_ok = await _redis_ok(gw.redis)
+        body = {"status": "ok", "redis": redis_ok, "spooling": gw.recorder.spooling}
+        # Redis down does not make the gateway unready: turns go to the spool.
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _redis_ok(redis: aioredis.Redis) -> bool:
+    try:
+        return bool(await asyncio.wait_for(redis.ping(), 0.5))
+    except (RedisError, OSError, TimeoutError):
+        return False
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    metrics: GatewayMetrics = app.state.gateway.metrics
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> Response:
+        if request.url.path == "/v1/chat/completions":
+            metrics.requests.labels("unknown", str(exc.status)).inc()
+        return error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> Response:
+        return error_response(APIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        return error_response(APIError(400, str(first.get("msg", "invalid request")),
+                                       code="invalid_value", param=param))

@@ -1,0 +1,49 @@
+"""Bearer API keys, each mapped to a tenant; keys are held only as SHA-256 hashes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from services.gateway.errors import APIError
+from shared.settings import Settings, hash_api_key
+
+DEV_TENANT = "dev"
+"""The tenant of unauthenticated requests in the dev profile when no keys are set."""
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    tenant: str
+    key_hash: str
+
+
+class Authenticator:
+    """Maps a request's bearer key to its tenant."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._tenants = dict(settings.api_keys)
+        self._open = settings.profile == "dev" and not self._tenants
+
+    def __call__(self, headers: Mapping[str, str]) -> Caller:
+        """The caller, or a 401 in OpenAI's shape.
+
+        The key is never compared itself: its SHA-256 digest is looked up, so what the
+        lookup's timing could reveal is bits of a digest, which say nothing about a key
+        (the same reasoning as comparing HMACs in constant time)."""
+        header = headers.get("authorization")
+        if not header or header[:7].lower() != "bearer ":
+            if self._open:
+                return Caller(DEV_TENANT, "anonymous")
+            raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        digest = hash_api_key(header[7:].strip())
+        tenant = self._tenants.get(digest)
+        if tenant is None:
+            if self._open:
+                return Caller(DEV_TENANT, digest)
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        return Caller(tenant, digest)
+

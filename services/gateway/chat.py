@@ -1,0 +1,186 @@
+"""``POST /v1/chat/completions``: forward, relay, and record the turn on the side."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from services.gateway.assemble import Answer, StreamAssembler, from_response, strip_unasked
+from services.gateway.errors import APIError, error_body, upstream_error
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.recorder import Recorder
+from services.gateway.request import ChatRequest
+from services.gateway.upstream import Upstream
+from shared.messages import new_id
+from shared.settings import Settings
+
+POLICY_VERSION_HEADER = "x-reef-policy-version"
+"""Header by which a policy server names the weights that produced an answer."""
+
+
+class ChatHandler:
+    """Forwards chat requests upstream and hands finished turns to the recorder."""
+
+    def __init__(self, settings: Settings, upstream: Upstream, recorder: Recorder,
+                 metrics: GatewayMetrics) -> None:
+        self._settings = settings
+        self._upstream = upstream
+        self._recorder = recorder
+        self._metrics = metrics
+
+    def _ask_for_training_data(self, chat: ChatRequest) -> tuple[bool, bool, bool]:
+        """Add the logprobs/token-id/usage asks; return which ones the client lacked."""
+        body, s = chat.body, self._settings
+        strip_logprobs = s.request_logprobs and not chat.wants_logprobs
+        strip_ids = s.request_token_ids and not chat.wants_token_ids
+        strip_usage = chat.stream and s.request_stream_usage and not chat.wants_usage
+        if strip_logprobs:
+            body["logprobs"] = True
+        if strip_ids:
+            body["return_token_ids"] = True
+        if strip_usage:
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                      "include_usage": True}
+        return strip_logprobs, strip_ids, strip_usage
+
+    async def __call__(self, chat: ChatRequest, tenant: str, started: float) -> Response:
+        strips = self._ask_for_training_data(chat)
+        payload = orjson.dumps(chat.body)
+        resp = await self._upstream.request("POST", "/chat/completions", payload)
+        if resp.status >= 400:
+            try:
+                body = await resp.read()
+            finally:
+                resp.release()
+            raise upstream_error(resp.status, body)
+        if chat.stream and resp.content_type == "text/event-stream":
+            relay = self._relay(resp, chat, tenant, started, strips)
+            return StreamingResponse(relay, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache",
+                                              "X-Reef-Session-Id": chat.session_id})
+        return await self._whole(resp, chat, tenant, started, strips)
+
+    async def _whole(self, resp: aiohttp.ClientResponse, chat: ChatRequest, tenant: str,
+                     started: float, strips: tuple[bool, bool, bool]) -> Response:
+        try:
+            raw = await resp.read()
+        except TimeoutError:
+            raise APIError(504, "The upstream model did not answer in time.",
+                           code="upstream_timeout") from None
+        except aiohttp.ClientError as exc:
+            raise APIError(502, f"The upstream connection failed ({type(exc).__name__}).",
+                           code="upstream_error") from None
+        finally:
+            resp.release()
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise APIError(502, "The upstream answered with invalid JSON.",
+                           code="upstream_error") from None
+        answer = from_response(data)
+        if strips[0] or strips[1]:
+            strip_unasked(data, strips[0], strips[1])
+            raw = orjson.dumps(data)
+        self._record(chat, tenant, answer, resp, started, completed=True)
+        self._metrics.requests.labels("false", "200").inc()
+        return Response(raw, media_type="application/json",
+                        headers={"X-Reef-Session-Id": chat.session_id})
+
+    async def _relay(self, resp: aiohttp.ClientResponse, chat: ChatRequest, tenant: str,
+                     started: float, strips: tuple[bool, bool, bool]) -> AsyncIterator[bytes]:
+        """Each upstream SSE event reaches the client as soon as it is complete."""
+        assembler = StreamAssembler()
+        completed = False
+        event: list[bytes] = []
+        try:
+            async for line in resp.content:
+                if line.strip():
+                    event.append(line)
+                    continue
+                out = self._event(event, assembler, strips)
+                event = []
+                if out:
+                    yield out
+            out = self._event(event, assembler, strips)
+            if out:
+                yield out
+            completed = True
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            kind = "timeout" if isinstance(exc, TimeoutError) else "stream"
+            self._metrics.upstream_errors.labels(kind).inc()
+            yield b"data: " + error_body(502, f"The upstream stream broke ({kind}).",
+                                         code="upstream_error") + b"\n\n"
+        finally:
+            # Closing (not releasing) an unfinished response drops the upstream connection,
+            # so a client that went away also stops the upstream's generation.
+            resp.release() if completed else resp.close()
+            self._record(chat, tenant, assembler.finish(), resp, started, completed)
+            self._metrics.requests.labels("true", "200" if completed else "aborted").inc()
+
+    @staticmethod
+    def _event(lines: list[bytes], assembler: StreamAssembler,
+               strips: tuple[bool, bool, bool]) -> bytes:
+        """One SSE event, folded into the answer; rewritten only if Reef added to it."""
+        if not lines:
+            return b""
+        changed = False
+        out: list[bytes] = []
+        for line in lines:
+            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                out.append(line)
+                continue
+            try:
+                chunk = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                out.append(line)
+                continue
+            if isinstance(chunk, dict):
+                assembler.add(chunk)
+                rewritten = _rewrite_chunk(chunk, strips)
+                if rewritten is not None:
+                    changed = True
+                    if rewritten:
+                        out.append(b"data: " + rewritten + b"\n")
+                    continue
+            out.append(line)
+        if changed and not any(line.startswith(b"data:") for line in out):
+            return b""
+        return b"".join(out) + b"\n"
+
+    def _record(self, chat: ChatRequest, tenant: str, answer: Answer,
+                resp: aiohttp.ClientResponse, started: float, completed: bool) -> None:
+        latency = time.perf_counter() - started
+        self._metrics.request_seconds.labels("true" if chat.stream else "false").observe(latency)
+        body = chat.body
+        self._recorder.record({
+            "kind": "turn.v1", "id": new_id(), "created_at": time.time(),
+            "tenant": tenant, "session_id": chat.session_id, "turn_type": chat.turn_type,
+            "session_done": chat.session_done, "request_model": chat.request_model,
+            "upstream_model": body["model"],
+            "policy_version": resp.headers.get(POLICY_VERSION_HEADER),
+            "messages": body["messages"],
+            "request_params": {k: v for k, v in body.items() if k != "messages"},
+            "response_message": answer.message, "finish_reason": answer.finish_reason,
+            "usage": answer.usage, "sampled": answer.sampled(),
+            "latency_seconds": latency, "stream": chat.stream, "completed": completed,
+            "skill_ids": [],
+        })
+
+
+def _rewrite_chunk(chunk: dict[str, Any], strips: tuple[bool, bool, bool]) -> bytes | None:
+    """None: forward the chunk as it came; b"": drop it; else its new JSON."""
+    strip_logprobs, strip_ids, strip_usage = strips
+    if strip_usage and chunk.get("usage") and not chunk.get("choices"):
+        return b""
+    if not (strip_logprobs or strip_ids or (strip_usage and "usage" in chunk)):
+        return None
+    if strip_usage:
+        chunk.pop("usage", None)
+    strip_unasked(chunk, strip_logprobs, strip_ids)
+    return orjson.dumps(chunk)

@@ -1,0 +1,56 @@
+"""The gateway's Prometheus metrics (prefix ``reef_gateway_``, small fixed label sets)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0, 120.0)
+
+
+@dataclass(frozen=True)
+class GatewayMetrics:
+    """Every metric the gateway exports, registered on one registry."""
+
+    registry: CollectorRegistry
+    requests: Counter
+    request_seconds: Histogram
+    upstream_errors: Counter
+    turns_recorded: Counter
+    turns_spooled: Counter
+    turns_replayed: Counter
+    turns_lost: Counter
+    recorder_queue: Gauge
+    spool_bytes: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> GatewayMetrics:
+        """Metrics on ``registry`` (a fresh one by default, so tests never collide)."""
+        reg = registry or CollectorRegistry()
+        return cls(
+            registry=reg,
+            requests=Counter("reef_gateway_requests_total", "Chat requests answered.",
+                             ["stream", "status"], registry=reg),
+            request_seconds=Histogram("reef_gateway_request_seconds",
+                                      "Time to the whole answer.", ["stream"],
+                                      buckets=_LATENCY_BUCKETS, registry=reg),
+            upstream_errors=Counter("reef_gateway_upstream_errors_total",
+                                    "Upstream failures by kind.", ["kind"], registry=reg),
+            turns_recorded=Counter("reef_gateway_turns_recorded_total",
+                                   "Turns appended to the turns stream.", registry=reg),
+            turns_spooled=Counter("reef_gateway_turns_spooled_total",
+                                  "Turns written to the local spool (Redis down).",
+                                  registry=reg),
+            turns_replayed=Counter("reef_gateway_turns_replayed_total",
+                                   "Spooled turns sent to Redis once it was back.",
+                                   registry=reg),
+            turns_lost=Counter("reef_gateway_turns_lost_total",
+                               "Turns neither recorded nor spooled (spool unwritable).",
+                               registry=reg),
+            recorder_queue=Gauge("reef_gateway_recorder_queue",
+                                 "Turns waiting in memory for the recorder.", registry=reg),
+            spool_bytes=Gauge("reef_gateway_spool_bytes", "Size of the local spool file.",
+                              registry=reg),
+        )
