@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     gateway_port: int = 8000
     api_keys: dict[str, str] = Field(default_factory=dict)
     """API key -> tenant. Keys may be given hashed (``sha256:<hex>``, see
-    ``reef hash-key``); plain ones are hashed on load and never kept."""
+    ``echo KEY | reef hash-key``); plain ones are hashed on load and never kept."""
     admin_key: SecretStr | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     spool_path: Path | None = None
