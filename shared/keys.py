@@ -45,3 +45,8 @@ class Keys:
     def dedupe(self, kind: str, message_id: str) -> str:
         """Marker that a message id was already produced (idempotent replay)."""
         return f"{self.namespace}:seen:{kind}:{message_id}"
+
+    def handled(self, group: str, message_id: str) -> str:
+        """Marker that a consumer group finished a message (set with the ack), so a
+        redelivered or replayed entry with the same message id is acked, not handled again."""
+        return f"{self.namespace}:done:{group}:{message_id}"

@@ -1,0 +1,112 @@
+"""Prometheus metrics of the stream workers, and the ``/metrics`` endpoint a worker serves.
+
+Names follow one scheme: prefix ``reef_``, base units, ``_total`` only on counters, and
+small fixed label sets (stream, group, outcome) - never message or entry ids.
+
+Metric objects are created once per ``CollectorRegistry`` and shared by every worker that
+uses it (workers differ by their labels), so several workers can live in one process; tests
+pass a registry of their own.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from threading import Lock, Thread
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+
+from shared.settings import Settings
+
+OUTCOME_PROCESSED = "processed"
+"""The handler returned and the entry was acked."""
+OUTCOME_FAILED = "failed"
+"""The handler raised; the entry stays pending and will be redelivered."""
+OUTCOME_DUPLICATE = "duplicate"
+"""The message id was handled before (a redelivery or a replay); acked without handling."""
+OUTCOME_DEAD_LETTERED = "dead_lettered"
+"""The entry went to the dead-letter stream (invalid, rejected, or out of deliveries)."""
+
+HANDLER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Handler durations span cheap bookkeeping to multi-vote LLM judging."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerMetrics:
+    """The metric families every stream worker reports into (labelled per worker)."""
+
+    entries: Counter
+    reclaimed: Counter
+    handler_duration: Histogram
+    pending: Gauge
+    lag: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> WorkerMetrics:
+        """Register the families in ``registry`` (once per registry: see ``worker_metrics``)."""
+        labels = ("stream", "group")
+        return cls(
+            entries=Counter(
+                "reef_worker_entries_total",
+                "Stream entries settled or attempted, by outcome "
+                "(processed, failed, duplicate, dead_lettered).",
+                (*labels, "outcome"), registry=registry),
+            reclaimed=Counter(
+                "reef_worker_reclaimed_total",
+                "Entries taken over from an idle consumer with XAUTOCLAIM.",
+                labels, registry=registry),
+            handler_duration=Histogram(
+                "reef_worker_handler_duration_seconds",
+                "Time spent in the message handler, by outcome (processed, failed).",
+                (*labels, "outcome"), buckets=HANDLER_BUCKETS, registry=registry),
+            pending=Gauge(
+                "reef_worker_pending_entries",
+                "Entries delivered to the group and not yet acked (XPENDING).",
+                labels, registry=registry),
+            lag=Gauge(
+                "reef_worker_lag_entries",
+                "Entries in the stream not yet delivered to the group (XINFO GROUPS lag).",
+                labels, registry=registry),
+        )
+
+
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, WorkerMetrics] = (
+    weakref.WeakKeyDictionary()
+)
+_by_registry_lock = Lock()
+
+
+def worker_metrics(registry: CollectorRegistry | None = None) -> WorkerMetrics:
+    """The worker metric families of ``registry`` (default: the process-wide one),
+    registered on first use. Registering the same names twice would raise, hence the cache."""
+    target = REGISTRY if registry is None else registry
+    with _by_registry_lock:
+        metrics = _by_registry.get(target)
+        if metrics is None:
+            metrics = WorkerMetrics.create(target)
+            _by_registry[target] = metrics
+        return metrics
+
+
+def serve_metrics(
+    settings: Settings, registry: CollectorRegistry | None = None, addr: str = "0.0.0.0"
+) -> tuple[WSGIServer, Thread] | None:
+    """Serve ``/metrics`` on ``settings.metrics_port`` in a background thread.
+
+    Returns the server and its thread (``server.shutdown()`` stops it), or None when the
+    port is 0. ``addr`` defaults to every interface because Prometheus scrapes workers
+    from another container; metrics carry no content and no ids.
+    """
+    if settings.metrics_port <= 0:
+        return None
+    return start_http_server(
+        settings.metrics_port, addr=addr, registry=REGISTRY if registry is None else registry
+    )

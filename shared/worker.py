@@ -1,0 +1,481 @@
+"""The stream worker: the one consumer-group loop every Reef consumer service runs.
+
+Guarantees (at-least-once, made effectively-once by message-id dedupe):
+
+- The group is created with ``MKSTREAM`` from the start of the stream; a restarted worker
+  first re-reads its own pending entries (id ``0``), then new ones (``>``).
+- An entry is acked only after the handler returned, together with a "handled" marker
+  keyed by the message id (``Keys.handled``); a redelivered or replayed message whose
+  marker exists is acked without calling the handler again. Handlers must still be
+  idempotent (a crash between their effects and the ack re-runs them); a handler that
+  writes its effects in one Redis MULTI can add ``worker.mark_done(pipe, message)`` to it.
+- A handler that raises leaves its entry pending; any worker of the group takes it over
+  with ``XAUTOCLAIM`` once it has been idle ``worker_claim_idle_ms`` (the idle time is the
+  backoff, and it must exceed the longest handler run). After ``worker_max_deliveries``
+  deliveries, an entry that fails validation, or a handler raising ``Reject``, the entry is
+  moved to the dead-letter stream (``Keys.dead``) and acked atomically.
+- Acks run shielded from cancellation and are awaited before ``run`` returns.
+- ``stop()`` (or SIGTERM/SIGINT under ``run_worker``) stops reading; the batch in hand is
+  finished, so the worker exits within ``worker_block_ms`` plus the batch's handling time.
+
+The Redis client must return bytes (``decode_responses=False``, RESP2: the defaults).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.keys import Keys
+from shared.messages import BadMessage, Message, decode
+from shared.metrics import (
+    OUTCOME_DEAD_LETTERED,
+    OUTCOME_DUPLICATE,
+    OUTCOME_FAILED,
+    OUTCOME_PROCESSED,
+    serve_metrics,
+    worker_metrics,
+)
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Message, str], Awaitable[None]]
+"""``await handler(message, entry_id)``; returning means its effects are durable."""
+T = TypeVar("T")
+
+SETTLE_ATTEMPTS = 3
+"""Tries of an ack or dead-letter write when Redis is briefly unreachable (losing an ack
+costs a redelivery, so it is worth a retry; after the last one the entry stays pending)."""
+SETTLE_BACKOFF_SECONDS = 0.1
+"""First pause between settle attempts; doubled each time."""
+MAX_BACKOFF_SECONDS = 5.0
+"""Longest pause of the loop while Redis is unreachable."""
+REASON_MAX_CHARS = 1000
+"""Dead-letter reasons are cut to this length (an exception text may be long)."""
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+# MULTI/EXEC cannot make the XADD depend on the XACK; this script does, so two workers
+# holding the same (reclaimed) entry never write two dead letters for it.
+DEAD_LETTER_LUA = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+return 1
+"""
+"""KEYS: stream, dead-letter stream; ARGV: group, entry id, maxlen, field, value, ..."""
+
+
+class Reject(Exception):
+    """Raised by a handler for an entry that can never succeed: dead-lettered at once."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stream entry as delivered to this consumer."""
+
+    id: str
+    fields: dict[bytes, bytes]
+    deliveries: int
+    """How often the group delivered it, this delivery included (XPENDING)."""
+
+
+def default_consumer_name() -> str:
+    """``hostname-pid``: unique per process, stable for its lifetime."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def publish(
+    redis: Redis, keys: Keys, stream_name: str, message: Message, maxlen: int
+) -> str:
+    """Append ``message`` to a stream, capped at about ``maxlen`` entries
+    (pass ``settings.stream_maxlen``); returns the entry id."""
+    fields: dict[Any, Any] = message.to_fields()
+    entry_id = await redis.xadd(keys.stream(stream_name), fields, maxlen=maxlen, approximate=True)
+    return _text(entry_id)
+
+
+class StreamWorker:
+    """Consumes one stream as one consumer of one group; see the module docstring."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        stream: str,
+        group: str,
+        consumer: str | None,
+        handler: Handler,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        """``stream`` is the logical name (``turns``); ``consumer`` None means
+        ``hostname-pid``; ``registry`` None means prometheus-client's default one."""
+        if redis.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("StreamWorker needs a Redis client with decode_responses=False")
+        self.redis, self.keys, self.settings = redis, keys, settings
+        self.stream, self.group, self.handler = stream, group, handler
+        self.consumer = consumer or default_consumer_name()
+        self.stream_key, self.dead_key = keys.stream(stream), keys.dead(stream)
+        self.metrics = worker_metrics(registry)
+        self._stopping = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.worker_concurrency)
+        self._settling: set[asyncio.Future[Any]] = set()
+        self._dead_letter_script = redis.register_script(DEAD_LETTER_LUA)
+        self._ready = False
+        self._claim_cursor = "0-0"
+        self._next_claim = 0.0
+        self._backoff = 0.0
+
+    # --- public API -------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        """True once ``stop()`` was called."""
+        return self._stopping.is_set()
+
+    def stop(self) -> None:
+        """Stop reading; ``run`` returns once the batch in hand is settled.
+        Call it from the event loop's thread (signal handlers installed by asyncio are)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Consume until ``stop()``. Redis outages are waited out, never raised."""
+        log.info("worker.started", extra=self.log_fields())
+        try:
+            while not self._stopping.is_set():
+                await self._step_guarded()
+            await self._forget_consumer()
+        finally:
+            await self._finish_settling()
+            log.info("worker.stopped", extra=self.log_fields())
+
+    async def ensure_group(self) -> None:
+        """Create the stream and the group (reading from the start), unless they exist."""
+        try:
+            await self.redis.xgroup_create(self.stream_key, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def done_key(self, message: Message) -> str:
+        """The key marking ``message`` as handled by this group."""
+        return self.keys.handled(self.group, message.id)
+
+    async def is_done(self, message: Message) -> bool:
+        """Whether this group already finished ``message`` (by message id)."""
+        return bool(await self.redis.exists(self.done_key(message)))
+
+    def mark_done(self, pipe: Pipeline, message: Message) -> None:
+        """Queue the "handled" marker in a handler's own MULTI, next to its effects."""
+        pipe.set(self.done_key(message), b"1", ex=self.settings.dedupe_ttl_seconds)
+
+    async def refresh_gauges(self) -> None:
+        """Update the pending and lag gauges from XPENDING and XINFO GROUPS."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xpending(self.stream_key, self.group)
+            pipe.xinfo_groups(self.stream_key)
+            summary, groups = await pipe.execute()
+        labels = (self.stream, self.group)
+        self.metrics.pending.labels(*labels).set(summary["pending"])
+        for info in groups:
+            if _text(info["name"]) == self.group and info.get("lag") is not None:
+                self.metrics.lag.labels(*labels).set(info["lag"])
+
+    # --- the loop ---------------------------------------------------------------------
+
+    async def _step_guarded(self) -> None:
+        """One step; a Redis outage pauses the loop (with backoff) instead of ending it."""
+        try:
+            await self._step()
+            self._backoff = 0.0
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            self._backoff = min(MAX_BACKOFF_SECONDS, max(0.1, self._backoff * 2))
+            log.warning("worker.redis_unavailable",
+                        extra={**self.log_fields(), "error": str(exc), "retry_in": self._backoff})
+            await self._sleep_unless_stopped(self._backoff)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # Redis lost the stream or the group (restarted without persistence, or deleted).
+            log.warning("worker.group_missing", extra=self.log_fields())
+            self._ready = False
+
+    async def _step(self) -> None:
+        if not self._ready:
+            await self.ensure_group()
+            await self._drain_own_pending()
+            self._ready = True
+        if time.monotonic() >= self._next_claim:
+            await self._claim_idle()
+        if not self._stopping.is_set():
+            new = await self._read(">", block=self.settings.worker_block_ms)
+            await self._process_batch([Entry(i, f, 1) for i, f in new])
+
+    async def _drain_own_pending(self) -> None:
+        """Re-deliver what this consumer read before a restart and never acked."""
+        start = "0"
+        while not self._stopping.is_set():
+            raw = await self._read(start, block=None)
+            if not raw:
+                return
+            await self._process_batch(await self._with_deliveries(raw))
+            start = raw[-1][0]
+
+    async def _claim_idle(self) -> None:
+        """Take over entries idle too long in any consumer (failed, or their worker died)."""
+        reply = await self.redis.xautoclaim(
+            self.stream_key, self.group, self.consumer, self.settings.worker_claim_idle_ms,
+            self._claim_cursor, count=self.settings.worker_batch_size)
+        # reply[2] lists entries deleted from the stream; Redis dropped them from the PEL.
+        self._claim_cursor = _text(reply[0])
+        more = self._claim_cursor != "0-0"
+        interval = self.settings.worker_claim_idle_ms / 2000
+        self._next_claim = time.monotonic() + (0.0 if more else interval)
+        raw = [(_text(i), f) for i, f in reply[1]]
+        if raw:
+            self.metrics.reclaimed.labels(self.stream, self.group).inc(len(raw))
+            log.info("worker.reclaimed", extra={**self.log_fields(), "entries": len(raw)})
+            await self._process_batch(await self._with_deliveries(raw))
+        await self.refresh_gauges()
+
+    async def _read(self, start: str, block: int | None) -> list[tuple[str, dict[bytes, bytes]]]:
+        reply: Any = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream_key: start},
+            count=self.settings.worker_batch_size, block=block)
+        if not reply:
+            return []
+        return [(_text(entry_id), fields) for entry_id, fields in reply[0][1]]
+
+    async def _with_deliveries(self, raw: list[tuple[str, dict[bytes, bytes]]]) -> list[Entry]:
+        """Attach delivery counts (XPENDING) to re-delivered entries; drop any that another
+        consumer acked in the meantime."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id, _ in raw:
+                pipe.xpending_range(self.stream_key, self.group, entry_id, entry_id, 1)
+            details = await pipe.execute()
+        return [Entry(entry_id, fields, int(info[0]["times_delivered"]))
+                for (entry_id, fields), info in zip(raw, details, strict=True) if info]
+
+    # --- a batch: decode -> dedupe -> handle -> settle ---------------------------------
+
+    async def _process_batch(self, entries: list[Entry]) -> None:
+        """decode -> dedupe -> handle -> settle; handlers run concurrently (up to
+        ``worker_concurrency``), so entries of a batch finish in no particular order."""
+        decoded = [(entry, await self._decode(entry)) for entry in entries]
+        fresh = await self._drop_duplicates([(e, m) for e, m in decoded if m is not None])
+        results = await asyncio.gather(*(self._handle_and_settle(e, m) for e, m in fresh),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _decode(self, entry: Entry) -> Message | None:
+        """The entry's message, or None once the entry was settled without one."""
+        if not entry.fields:  # trimmed from the stream while pending: nothing left to do
+            await self._settle(lambda: self._ack(entry, None, OUTCOME_DUPLICATE))
+            return None
+        try:
+            message = decode(entry.fields)
+        except BadMessage as exc:
+            invalid = f"invalid: {exc}"
+            await self._settle(lambda: self._dead_letter(entry, invalid))
+            return None
+        if entry.deliveries > self.settings.worker_max_deliveries:
+            reason = (f"abandoned after {entry.deliveries - 1} deliveries "
+                      "(its consumers stopped while handling it)")
+            await self._settle(lambda: self._dead_letter(entry, reason))
+            return None
+        return message
+
+    async def _drop_duplicates(
+            self, batch: list[tuple[Entry, Message]]) -> list[tuple[Entry, Message]]:
+        """Ack, without handling, entries whose message id this group already finished
+        (one EXISTS per entry, pipelined) or that repeat a message id of this batch."""
+        if not batch:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, message in batch:
+                pipe.exists(self.done_key(message))
+            done = await pipe.execute()
+        fresh: list[tuple[Entry, Message]] = []
+        seen: set[str] = set()
+        for (entry, message), was_done in zip(batch, done, strict=True):
+            if was_done or message.id in seen:
+                await self._settle(partial(self._ack, entry, None, OUTCOME_DUPLICATE))
+            else:
+                seen.add(message.id)
+                fresh.append((entry, message))
+        return fresh
+
+    async def _handle_and_settle(self, entry: Entry, message: Message) -> None:
+        async with self._slots:
+            error = await self._handle(entry, message)
+        await self._settle_handled(entry, message, error)
+
+    async def _handle(self, entry: Entry, message: Message) -> Exception | None:
+        """Run the handler; returns what it raised, if anything."""
+        started = time.perf_counter()
+        error: Exception | None = None
+        try:
+            await self.handler(message, entry.id)
+        except Exception as exc:  # noqa: BLE001 - any handler error is settled below
+            error = exc
+        outcome = OUTCOME_PROCESSED if error is None else OUTCOME_FAILED
+        self.metrics.handler_duration.labels(self.stream, self.group, outcome).observe(
+            time.perf_counter() - started)
+        return error
+
+    async def _settle_handled(self, entry: Entry, message: Message,
+                              error: Exception | None) -> None:
+        if error is None:
+            await self._settle(lambda: self._ack(entry, message, OUTCOME_PROCESSED))
+            return
+        if isinstance(error, Reject):
+            await self._settle(lambda: self._dead_letter(entry, f"rejected: {error}"))
+            return
+        self._count(OUTCOME_FAILED)
+        failure = f"{type(error).__name__}: {error}"
+        if entry.deliveries >= self.settings.worker_max_deliveries:
+            reason = f"failed {entry.deliveries} deliveries; last error: {failure}"
+            await self._settle(lambda: self._dead_letter(entry, reason))
+            return
+        log.warning("worker.handler_failed", exc_info=error,
+                    extra={**self.log_fields(), "entry": entry.id, "message_id": message.id,
+                           "deliveries": entry.deliveries, "error": failure[:200]})
+
+    # --- settling: shielded from cancellation, retried --------------------------------
+
+    async def _settle(self, op: Callable[[], Awaitable[T]]) -> T | None:
+        """Run an ack-like operation to completion even if the caller is cancelled."""
+        task = asyncio.ensure_future(self._retry(op))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        return await asyncio.shield(task)
+
+    async def _retry(self, op: Callable[[], Awaitable[T]]) -> T | None:
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                return await op()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if attempt + 1 == SETTLE_ATTEMPTS:
+                    # The entry stays pending: it is redelivered, then deduplicated.
+                    log.warning("worker.settle_failed",
+                                extra={**self.log_fields(), "error": str(exc)})
+                    return None
+                await asyncio.sleep(SETTLE_BACKOFF_SECONDS * 2**attempt)
+        return None
+
+    async def _ack(self, entry: Entry, message: Message | None, outcome: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.stream_key, self.group, entry.id)
+            if message is not None:
+                self.mark_done(pipe, message)
+            await pipe.execute()
+        self._count(outcome)
+
+    async def _dead_letter(self, entry: Entry, reason: str) -> None:
+        """Move the entry to the dead-letter stream and ack it, atomically, once."""
+        extra = {b"dead_reason": reason[:REASON_MAX_CHARS], b"dead_id": entry.id,
+                 b"dead_stream": self.stream, b"dead_group": self.group,
+                 b"dead_consumer": self.consumer, b"dead_deliveries": str(entry.deliveries)}
+        fields: dict[bytes, bytes | str] = {**entry.fields, **extra}
+        args: list[bytes | str | int] = [self.group, entry.id, self.settings.stream_maxlen]
+        for name, value in fields.items():
+            args += [name, value]
+        moved = await self._dead_letter_script(keys=[self.stream_key, self.dead_key], args=args)
+        if moved:
+            self._count(OUTCOME_DEAD_LETTERED)
+            log.warning("worker.dead_lettered",
+                        extra={**self.log_fields(), "entry": entry.id, "reason": reason[:200]})
+
+    async def _finish_settling(self) -> None:
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
+    # --- small helpers ----------------------------------------------------------------
+
+    async def _forget_consumer(self) -> None:
+        """On a clean stop, leave the group if nothing is pending here, so consumer names
+        (hostname-pid) do not pile up across restarts."""
+        try:
+            mine = await self.redis.xpending_range(
+                self.stream_key, self.group, "-", "+", 1, consumername=self.consumer)
+            if not mine:
+                await self.redis.xgroup_delconsumer(self.stream_key, self.group, self.consumer)
+        except RedisError as exc:
+            log.info("worker.consumer_kept", extra={**self.log_fields(), "error": str(exc)})
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    def _count(self, outcome: str) -> None:
+        self.metrics.entries.labels(self.stream, self.group, outcome).inc()
+
+    def log_fields(self) -> dict[str, str]:
+        return {"stream": self.stream, "group": self.group, "consumer": self.consumer}
+
+
+async def run_worker(
+    settings: Settings,
+    stream: str,
+    group: str,
+    handler: Handler,
+    *,
+    consumer: str | None = None,
+    registry: CollectorRegistry | None = None,
+) -> None:
+    """A consumer service's main loop: connect, serve ``/metrics`` (if
+    ``settings.metrics_port``), consume until SIGTERM/SIGINT. The first signal stops
+    reading and finishes the batch in hand; a second one cancels the handlers (their
+    entries stay pending and are reclaimed) while acks already started still complete."""
+    client = Redis.from_url(settings.redis_url, **settings.redis_kwargs())
+    worker = StreamWorker(client, Keys(settings.namespace), stream, group, consumer, handler,
+                          settings, registry)
+    server = serve_metrics(settings, registry)
+    run = asyncio.create_task(worker.run())
+    forced = False
+
+    def on_signal() -> None:
+        nonlocal forced
+        if worker.stopping:
+            forced = True
+            run.cancel()
+        worker.stop()
+
+    loop = asyncio.get_running_loop()
+    for sig in SIGNALS:
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await run
+    except asyncio.CancelledError:
+        if not forced:
+            raise
+        log.warning("worker.forced_stop", extra=worker.log_fields())
+    finally:
+        for sig in SIGNALS:
+            loop.remove_signal_handler(sig)
+        if server is not None:
+            await asyncio.to_thread(server[0].shutdown)
+            server[0].server_close()
+        await client.aclose()
