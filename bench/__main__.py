@@ -24,7 +24,7 @@ from types import FrameType
 
 from bench import report, systems
 from bench.loadgen import API_KEY, LoadGenError, WrkResult, ensure_wrk, run_wrk
-from bench.procs import CpuPlan, StartError
+from bench.procs import Child, CpuPlan, StartError, own_cpu_seconds, system_busy_seconds
 from bench.report import Results, Row
 
 SYSTEMS = ("direct", "thin", "gateway", "litellm")
@@ -42,8 +42,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help=f"comma-separated subset of {','.join(SYSTEMS)}")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming rows")
-    parser.add_argument("--no-pin", action="store_true",
-                        help="do not pin the proxy and the load side to separate CPUs")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin the proxy to one CPU and the load side to the others "
+                             "(default: all share the CPUs; pinning loses when other work "
+                             "runs on the machine)")
     args = parser.parse_args()
     unknown = set(args.systems.split(",")) - set(SYSTEMS)
     if unknown:
@@ -58,7 +60,7 @@ class Bench:
         self.args = args
         self.wrk = wrk
         self.log_dir = log_dir
-        self.plan = CpuPlan.make(pin=not args.no_pin)
+        self.plan = CpuPlan.make(pin=args.pin)
         self.rows: list[Row] = []
         self.bodies = {"json": log_dir / "body.json", "stream": log_dir / "body-stream.json"}
         self.bodies["json"].write_text(json.dumps(REQUEST))
@@ -66,6 +68,8 @@ class Bench:
         self.answered = 0
         """Successful requests sent to the current system, warm-ups included."""
         self.redis_url = ""
+        self.children: list[Child] = []
+        """Live processes of the benchmark (upstream, Redis, proxy), for CPU accounting."""
         self.turns_line = ""
 
     def cells(self) -> list[tuple[str, int]]:
@@ -83,13 +87,19 @@ class Bench:
             print(f"  {name} {mode} x{conns} ...", flush=True)
             if self.args.warmup > 0:
                 self.answered += _ok(self.wrk_run(target, mode, conns, self.args.warmup))
-            cpu_before = target.child.cpu_seconds()
+            cpu_before, ours_before, busy_before = (
+                target.child.cpu_seconds(), self.our_cpu(), system_busy_seconds())
             result = self.wrk_run(target, mode, conns, self.args.seconds)
             cpu = target.child.cpu_seconds() - cpu_before
+            other = system_busy_seconds() - busy_before - (self.our_cpu() - ours_before)
             self.answered += _ok(result)
             per_request = cpu * 1000 / result.requests if result.requests else None
             note = f"{result.bad_status} non-2xx!" if result.bad_status else ""
-            self.rows.append(Row(name, mode, conns, result, per_request, note))
+            self.rows.append(Row(name, mode, conns, result, per_request,
+                                 max(other, 0.0) / result.seconds, note))
+
+    def our_cpu(self) -> float:
+        return own_cpu_seconds() + sum(child.cpu_seconds() for child in self.children)
 
     def wrk_run(self, target: systems.Target, mode: str, conns: int, seconds: float
                 ) -> WrkResult:
@@ -138,10 +148,13 @@ def started(bench: Bench, name: str, upstream: systems.Target) -> Iterator[syste
         elif name == "litellm":
             target = stack.enter_context(systems.litellm_proxy(logs, cpus, upstream.base_url))
         else:
-            redis_url = stack.enter_context(systems.redis_server(logs, bench.plan.load))
+            redis_url, redis_child = stack.enter_context(
+                systems.redis_server(logs, bench.plan.load))
             bench.redis_url = redis_url
+            bench.children.append(redis_child)
             target = stack.enter_context(
                 systems.reef_gateway(logs, cpus, upstream.base_url, redis_url))
+        bench.children.append(target.child)
         yield target
 
 
@@ -150,6 +163,7 @@ def run_system(bench: Bench, name: str, upstream: systems.Target) -> None:
         bench.skip(name, f"{systems.GATEWAY_MAIN.relative_to(systems.ROOT)} does not exist yet")
         return
     bench.answered = 0
+    bench.children = [upstream.child]
     try:
         with started(bench, name, upstream) as target:
             bench.measure(name, target)
@@ -195,6 +209,7 @@ def main() -> None:
     report.print_table(results)
     if bench.turns_line:
         print(f"\n{bench.turns_line}")
+    report.print_noise(results, os.cpu_count() or 1)
     report.print_ratios(results, args.connections)
     (log_dir / "results.json").write_text(json.dumps(
         [{**asdict(row), "rps": row.result.rps if row.result else None} for row in bench.rows],

@@ -22,6 +22,19 @@ class StartError(RuntimeError):
     """A child process exited or never became ready; the message ends with its log tail."""
 
 
+def system_busy_seconds() -> float:
+    """CPU seconds all CPUs of the machine spent busy since boot (``/proc/stat``)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / _CLOCK_TICKS
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its children already waited for (wrk runs)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -27,6 +27,9 @@ class Row:
     connections: int
     result: WrkResult | None
     cpu_ms_per_request: float | None = None
+    """CPU time of the server under test per request (its whole process group)."""
+    other_cpus: float | None = None
+    """CPUs kept busy meanwhile by processes that are not part of the benchmark."""
     note: str = ""
 
 
@@ -45,20 +48,31 @@ class Results:
 
 def print_table(results: Results) -> None:
     print(f"\n{'system':<9}{'mode':<8}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'+p50 ms':>9}{'errors':>8}{'cpu ms/req':>12}  note")
+          f"{'+p50 ms':>9}{'errors':>8}{'cpu ms/req':>12}{'other cpu':>11}  note")
     for row in results.rows:
         r = row.result
         if r is None:
             print(f"{row.system:<9}{row.mode:<8}{row.connections:>6}{'-':>10}{'-':>9}{'-':>9}"
-                  f"{'-':>9}{'-':>8}{'-':>12}  {row.note}")
+                  f"{'-':>9}{'-':>8}{'-':>12}{'-':>11}  {row.note}")
             continue
         direct = results.get("direct", row.mode, row.connections)
         added = f"{(r.p50_us - direct.p50_us) / 1000:+.2f}" if direct and row.system != "direct" \
             else "-"
         cpu = f"{row.cpu_ms_per_request:.2f}" if row.cpu_ms_per_request is not None else "-"
+        other = f"{row.other_cpus:.2f}" if row.other_cpus is not None else "-"
         print(f"{row.system:<9}{row.mode:<8}{row.connections:>6}{r.rps:>10,.0f}"
               f"{r.p50_us / 1000:>9.2f}{r.p99_us / 1000:>9.2f}{added:>9}{r.errors:>8}{cpu:>12}"
+              f"{other:>11}"
               f"  {row.note}")
+
+
+def print_noise(results: Results, cpus: int) -> None:
+    """Warn when other processes competed for the CPUs during the measured rows."""
+    others = [row.other_cpus for row in results.rows if row.other_cpus is not None]
+    if others and max(others) > 0.2:
+        print(f"\nWARNING: other processes kept up to {max(others):.1f} of {cpus} CPUs busy "
+              "during measured rows ('other cpu'): absolute numbers are depressed; ratios "
+              "between rows measured under similar 'other cpu' are still meaningful.")
 
 
 def print_ratios(results: Results, connections: int) -> None:

@@ -48,13 +48,13 @@ def fake_upstream(log_dir: Path, cpus: frozenset[int] | None) -> Iterator[Target
 
 
 @contextmanager
-def redis_server(log_dir: Path, cpus: frozenset[int] | None) -> Iterator[str]:
-    """A private, non-persistent Redis; yields its URL."""
+def redis_server(log_dir: Path, cpus: frozenset[int] | None) -> Iterator[tuple[str, Child]]:
+    """A private, non-persistent Redis; yields its URL and process."""
     port = free_port()
     argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", str(log_dir)]
-    with running("redis", argv, log_dir, tcp_open(port), cpus):
-        yield f"redis://127.0.0.1:{port}/0"
+    with running("redis", argv, log_dir, tcp_open(port), cpus) as child:
+        yield f"redis://127.0.0.1:{port}/0", child
 
 
 @contextmanager
