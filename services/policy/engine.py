@@ -1,0 +1,214 @@
+"""The sampling loop: one forward pass per token over a KV cache, sampled in Python.
+
+Writing the loop ourselves (rather than calling ``generate()``) gives the exact ids that
+were sampled, their log-probabilities, and a place to stop when the client goes away.
+
+**Logprobs** are ``log_softmax(logits / temperature)`` of the raw model logits, that is,
+of the distribution the token was actually drawn from before ``top_p`` truncation
+(``top_p`` only removes tail mass; the reported value is not renormalised over the
+nucleus). With ``temperature == 0`` (greedy) they are ``log_softmax(logits)``. The same
+value is what a trainer needs as the behaviour policy's logprob for importance sampling.
+
+The model is used by one thread at a time: the engine owns a single-worker executor,
+so requests queue in arrival order and never block the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from services.policy.text import StopTracker
+
+_DONE = object()
+"""Queue sentinel: the generation thread has finished."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to sample one request's answers."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    top_logprobs: int = 0
+    """How many most likely alternatives to report per position (0: none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SampledToken:
+    """One sampled token with its logprob and, when asked, the best alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """A piece of one choice's answer: new text and the tokens that produced it.
+
+    Tokens and text need not line up one to one: text can be held back (a possible stop
+    string, half a UTF-8 character) while its tokens are already reported.
+    """
+
+    index: int
+    text: str
+    tokens: tuple[SampledToken, ...] = ()
+    finish_reason: str | None = None
+    """``stop`` or ``length`` on the last delta of a choice, else None."""
+
+
+class Engine:
+    """Samples answers from a loaded causal LM, one request at a time."""
+
+    def __init__(self, model: Any, tokenizer: Any, threads: int = 0) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self._threads = threads
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-gen",
+                                            initializer=self._init_thread)
+
+    def _init_thread(self) -> None:
+        if self._threads > 0:
+            torch.set_num_threads(self._threads)
+
+    def close(self) -> None:
+        """Stop accepting work; a running generation finishes its current step."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, n: int,
+                     cancel: threading.Event) -> AsyncIterator[Delta]:
+        """Deltas of ``n`` answers to one prompt, as they are sampled (choice by choice).
+
+        Setting ``cancel`` (or closing this iterator) stops sampling after the current step.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def emit(item: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                for index in range(n):
+                    if cancel.is_set():
+                        break
+                    seed = None if params.seed is None else params.seed + index
+                    self._generate(prompt_ids, params, index, seed, cancel, emit)
+            finally:
+                emit(_DONE)
+
+        future = loop.run_in_executor(self._executor, work)
+        future.add_done_callback(_retrieve)  # no "exception never retrieved" if abandoned
+        try:
+            while (item := await queue.get()) is not _DONE:
+                yield item
+        finally:
+            cancel.set()  # also when the consumer went away: stop at the next step
+        await future  # re-raises what went wrong on the generation thread
+
+    @torch.inference_mode()
+    def _generate(self, prompt_ids: list[int], params: SamplingParams, index: int,
+                  seed: int | None, cancel: threading.Event,
+                  emit: Callable[[Delta], None]) -> None:
+        """Sample one answer, emitting deltas as text appears; runs on the executor thread."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else int(torch.seed()))
+        tracker = StopTracker(self.tokenizer, params.stop)
+        pending: list[SampledToken] = []
+        cache = DynamicCache(config=self.model.config)  # grown in place by each forward
+        logits = self._forward(prompt_ids, cache)
+        text, finish = "", "length"
+        for step in range(params.max_new_tokens):
+            if cancel.is_set():
+                return
+            token = sample(logits, params, generator)
+            pending.append(token)
+            if token.token_id in self.eos_ids:
+                text, finish = tracker.flush(), "stop"
+                break
+            text = tracker.push(token.token_id)
+            if tracker.stopped:
+                finish = "stop"
+                break
+            if step + 1 == params.max_new_tokens:
+                text += tracker.flush()
+                break
+            if text:  # tokens whose text is held back ride along with the next delta
+                emit(Delta(index, text, tuple(pending)))
+                pending, text = [], ""
+            logits = self._forward([token.token_id], cache)
+        emit(Delta(index, text, tuple(pending), finish))
+
+    def _forward(self, ids: list[int], cache: DynamicCache) -> torch.Tensor:
+        """Next-token logits (float32) after ``ids``; ``cache`` holds what came before."""
+        inputs = torch.tensor([ids], device=self.device)
+        out = self.model(input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1)
+        logits: torch.Tensor = out.logits[0, -1].float()
+        return logits
+
+    def max_new_tokens_for(self, prompt_length: int, requested: int) -> int:
+        """``requested`` capped so that prompt and answer fit the model's context."""
+        if self.context_length <= 0:
+            return requested
+        return min(requested, self.context_length - prompt_length)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def sample(logits: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator) -> SampledToken:
+    """Draw a token from one position's logits; see the module docstring for logprobs."""
+    greedy = params.temperature <= 0.0
+    scaled = logits if greedy else logits / params.temperature
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    if greedy:
+        token_id = int(torch.argmax(logprobs))
+    else:
+        probs = logprobs.exp()
+        if params.top_p < 1.0:
+            probs = _nucleus(probs, params.top_p)
+        token_id = int(torch.multinomial(probs, 1, generator=generator))
+    top: tuple[tuple[int, float], ...] = ()
+    if params.top_logprobs > 0:
+        values, ids = torch.topk(logprobs, params.top_logprobs)
+        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return SampledToken(token_id, float(logprobs[token_id]), top)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` with everything outside the smallest set of mass ``top_p`` zeroed."""
+    sorted_probs, order = torch.sort(probs, descending=True)
+    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    sorted_probs[before >= top_p] = 0.0  # the most likely token always survives
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every token id that ends an answer (generation config and tokenizer)."""
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    configured = getattr(config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list):
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
