@@ -30,6 +30,8 @@ from tests.worker_proc import finished_key, started_key
 STREAM = "turns"
 GROUP = "scorer"
 REPO = Path(__file__).resolve().parent.parent
+EXIT_MARGIN_SECONDS = 2.0
+"""Interpreter teardown on a loaded 2-core machine; an exit check, not a benchmark."""
 
 
 def make_settings(server: RedisServer, namespace: str, **overrides: Any) -> Settings:
@@ -107,6 +109,10 @@ async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float
 
 async def pending(r: Redis, keys: Keys) -> int:
     return int((await r.xpending(keys.stream(STREAM), GROUP))["pending"])
+
+
+async def _pending_is(r: Redis, keys: Keys, n: int) -> bool:
+    return await pending(r, keys) == n
 
 
 async def publish_turns(r: Redis, settings: Settings, n: int) -> list[TurnV1]:
@@ -334,7 +340,7 @@ async def test_sigterm_finishes_the_entry_in_hand(redis_server: RedisServer, nam
     finally:
         proc.kill()
     assert returncode == 0, (tmp_path / "worker.log").read_text()
-    assert elapsed < 0.5 + settings.worker_block_ms / 1000 + 1.0
+    assert elapsed < 0.5 + settings.worker_block_ms / 1000 + EXIT_MARGIN_SECONDS
     assert await r.lrange(finished_key(namespace), 0, -1) == [first.id.encode()]
     assert await pending(r, keys) == 0
     [group] = await r.xinfo_groups(keys.stream(STREAM))
@@ -359,7 +365,26 @@ async def test_sigterm_while_idle_exits_within_block_timeout(
     finally:
         proc.kill()
     assert returncode == 0, (tmp_path / "worker.log").read_text()
-    assert elapsed < settings.worker_block_ms / 1000 + 1.0
+    assert elapsed < settings.worker_block_ms / 1000 + EXIT_MARGIN_SECONDS
+
+
+async def test_second_sigterm_abandons_a_hung_handler(
+        redis_server: RedisServer, namespace: str, r: Redis, tmp_path: Path) -> None:
+    settings = make_settings(redis_server, namespace)
+    keys = Keys(namespace)
+    await publish_turns(r, settings, 1)
+    proc = spawn(settings, "hang", "stuck", tmp_path / "worker.log")
+    try:
+        await eventually(lambda: _llen_is(r, started_key(namespace), 1), timeout=15)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        assert proc.poll() is None  # still finishing the batch in hand
+        proc.send_signal(signal.SIGTERM)
+        returncode = await asyncio.to_thread(proc.wait, 5)
+    finally:
+        proc.kill()
+    assert returncode == 0, (tmp_path / "worker.log").read_text()
+    assert await pending(r, keys) == 1  # left for another worker to reclaim
 
 
 async def test_cancel_does_not_lose_the_ack(redis_server: RedisServer, namespace: str,
@@ -389,6 +414,7 @@ async def test_survives_a_redis_restart(redis_server: RedisServer, namespace: st
     async with running(new_worker(r, settings, handler)):
         await publish_turns(r, settings, 1)
         await eventually(lambda: len(handler.calls) == 1)
+        await eventually(lambda: _pending_is(r, Keys(namespace), 0))
         redis_server.kill()
         try:
             await asyncio.sleep(0.5)  # the worker's read fails; it backs off and retries
@@ -396,8 +422,8 @@ async def test_survives_a_redis_restart(redis_server: RedisServer, namespace: st
             redis_server.start()
         after = turn(7)
         await publish(r, Keys(namespace), STREAM, after, settings.stream_maxlen)
-        await eventually(lambda: len(handler.calls) == 2, timeout=10)
-    assert handler.message_ids[-1] == after.id
+        await eventually(lambda: after.id in handler.message_ids, timeout=10)
+    assert len(handler.calls) == 2
 
 
 # --- concurrency and metrics ----------------------------------------------------------
