@@ -302,6 +302,26 @@ async def test_always_failing_entry_is_dead_lettered_once(
     assert decode(fields) == message
 
 
+async def test_entry_whose_consumers_keep_dying_is_dead_lettered_unhandled(
+        redis_server: RedisServer, namespace: str, r: Redis) -> None:
+    settings = make_settings(redis_server, namespace, worker_max_deliveries=3)
+    keys = Keys(namespace)
+    [message] = await publish_turns(r, settings, 1)
+    await r.xgroup_create(keys.stream(STREAM), GROUP, id="0")
+    [[_, [(entry_id, _)]]] = await r.xreadgroup(GROUP, "ghost", {keys.stream(STREAM): ">"})
+    for _ in range(2):  # two more deliveries whose workers died mid-handler
+        await r.xclaim(keys.stream(STREAM), GROUP, "ghost", 0, [entry_id])
+    handler = Recorder()
+    async with running(new_worker(r, settings, handler)):
+        await eventually(lambda: _xlen_is(r, keys.dead(STREAM), 1))
+    assert handler.calls == []
+    [(_, fields)] = await r.xrange(keys.dead(STREAM))
+    assert fields[b"dead_deliveries"] == b"4"
+    assert fields[b"dead_reason"].startswith(b"abandoned after 3 deliveries")
+    assert decode(fields) == message
+    assert await pending(r, keys) == 0
+
+
 async def test_rejected_entry_is_dead_lettered_at_once(redis_server: RedisServer,
                                                        namespace: str, r: Redis) -> None:
     settings = make_settings(redis_server, namespace)
