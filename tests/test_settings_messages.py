@@ -65,7 +65,7 @@ def test_messages_round_trip_and_bad_entries_are_named() -> None:
         decode({b"x": b"y"})
     with pytest.raises(BadMessage, match="unknown message kind"):
         decode({b"kind": b"turn.v9", b"data": b"{}"})
-    with pytest.raises(BadMessage, match="invalid turn.v1"):
+    with pytest.raises(BadMessage, match=r"invalid turn\.v1"):
         decode({b"kind": b"turn.v1", b"data": b'{"tenant": 1}'})
     with pytest.raises(ValidationError):
         turn.tenant = "other"  # type: ignore[misc]
