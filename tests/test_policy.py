@@ -218,3 +218,72 @@ def test_event_loop_answers_while_generating(server: PolicyServer) -> None:
         started = time.perf_counter()
         server.client().chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=2)
         assert time.perf_counter() - started < 10.0
+
+
+# --- unit tests (no server, no model) ----------------------------------------------------
+
+
+class _CharTokenizer:
+    """One token per character (id = code point); id 0 is a special token (EOS)."""
+
+    all_special_ids = [0]
+
+    def decode(self, ids: list[int], **_: Any) -> str:
+        return "".join(chr(i) for i in ids if i != 0)
+
+
+def _push_all(text: str, stop: tuple[str, ...]) -> tuple[list[str], bool]:
+    from services.policy.text import StopTracker
+
+    tracker = StopTracker(_CharTokenizer(), stop)
+    deltas = []
+    for ch in text:
+        deltas.append(tracker.push(ord(ch)))
+        if tracker.stopped:
+            return deltas, True
+    deltas.append(tracker.flush())
+    return deltas, False
+
+
+def test_stop_string_is_held_back_until_decided() -> None:
+    deltas, stopped = _push_all("ab END cd", ("END",))
+    assert stopped
+    assert "".join(deltas) == "ab "
+    assert "E" not in "".join(deltas)
+
+
+def test_text_that_only_looks_like_a_stop_is_released() -> None:
+    deltas, stopped = _push_all("a EN b", ("END",))
+    assert not stopped
+    assert "".join(deltas) == "a EN b"
+    assert deltas[2] == ""  # "E" waited for the next character
+
+
+def test_incomplete_utf8_is_held_back() -> None:
+    from services.policy.text import StopTracker
+
+    class Broken(_CharTokenizer):
+        def decode(self, ids: list[int], **_: Any) -> str:
+            return "x\ufffd" if len(ids) == 1 else "xé"
+
+    tracker = StopTracker(Broken(), ())
+    assert tracker.push(1) == "x"
+    assert tracker.push(2) == "é"
+
+
+def test_greedy_and_nucleus_sampling_report_model_logprobs() -> None:
+    import torch
+
+    from services.policy.engine import SamplingParams, sample
+
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    generator = torch.Generator().manual_seed(0)
+    greedy = sample(logits, SamplingParams(1, temperature=0.0, top_logprobs=2), generator)
+    assert greedy.token_id == 0
+    assert greedy.logprob == pytest.approx(float(torch.log_softmax(logits, -1)[0]))
+    assert [t for t, _ in greedy.top] == [0, 1]
+    tight = SamplingParams(1, temperature=0.5, top_p=0.01)
+    for _ in range(20):  # the nucleus holds only the best token
+        token = sample(logits, tight, generator)
+        assert token.token_id == 0
+        assert token.logprob == pytest.approx(float(torch.log_softmax(logits / 0.5, -1)[0]))

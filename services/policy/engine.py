@@ -16,7 +16,9 @@ so requests queue in arrival order and never block the event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ import torch
 from transformers import DynamicCache
 
 from services.policy.text import StopTracker
+
+log = logging.getLogger(__name__)
 
 _DONE = object()
 """Queue sentinel: the generation thread has finished."""
@@ -132,8 +136,10 @@ class Engine:
         cache = DynamicCache(config=self.model.config)  # grown in place by each forward
         logits = self._forward(prompt_ids, cache)
         text, finish = "", "length"
+        started, step = time.perf_counter(), -1
         for step in range(params.max_new_tokens):
             if cancel.is_set():
+                log.info("policy.generation_cancelled tokens=%d", step)
                 return
             token = sample(logits, params, generator)
             pending.append(token)
@@ -152,6 +158,9 @@ class Engine:
                 pending, text = [], ""
             logits = self._forward([token.token_id], cache)
         emit(Delta(index, text, tuple(pending), finish))
+        seconds = time.perf_counter() - started
+        log.debug("policy.generation_done tokens=%d seconds=%.2f tokens_per_second=%.1f",
+                  step + 1, seconds, (step + 1) / max(seconds, 1e-9))
 
     def _forward(self, ids: list[int], cache: DynamicCache) -> torch.Tensor:
         """Next-token logits (float32) after ``ids``; ``cache`` holds what came before."""
