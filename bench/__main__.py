@@ -1,8 +1,10 @@
 """Gateway benchmark: direct vs thin forwarder vs Reef's gateway vs LiteLLM, one run.
 
-Every system forwards to the same zero-latency fake upstream; wrk drives each in turn
-(1 connection for added latency, N connections for throughput, and a streaming row), and
-the table ends with ratios measured side by side and the acceptance targets.
+Every system forwards to the same zero-latency fake upstream and all run at once, each in
+its own process; wrk drives one at a time, cell by cell (1 connection for added latency,
+N connections for throughput, N streaming), so the systems of one cell are measured back to
+back. The table ends with ratios measured side by side and the acceptance targets (printed
+as PASS/FAIL; the exit status does not depend on them).
 
 Run: ``.venv/bin/python -m bench [--seconds 10] [--systems direct,thin,gateway,litellm]``.
 Logs and ``results.json`` go to ``var/bench/run-<time>/``. Traffic stays on 127.0.0.1.
@@ -16,8 +18,8 @@ import os
 import signal
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections import Counter, defaultdict
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
@@ -39,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=10.0, help="per measured row")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured, before each row")
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every cell; the best round is shown (for busy machines)")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help=f"comma-separated subset of {','.join(SYSTEMS)}")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming rows")
@@ -54,23 +58,25 @@ def parse_args() -> argparse.Namespace:
 
 
 class Bench:
-    """One benchmark run: its settings, CPU plan, log folder and collected rows."""
+    """One benchmark run: settings, CPU plan, the systems started, the samples measured."""
 
     def __init__(self, args: argparse.Namespace, wrk: str, log_dir: Path) -> None:
         self.args = args
         self.wrk = wrk
         self.log_dir = log_dir
         self.plan = CpuPlan.make(pin=args.pin)
-        self.rows: list[Row] = []
         self.bodies = {"json": log_dir / "body.json", "stream": log_dir / "body-stream.json"}
         self.bodies["json"].write_text(json.dumps(REQUEST))
         self.bodies["stream"].write_text(json.dumps({**REQUEST, "stream": True}))
-        self.answered = 0
-        """Successful requests sent to the current system, warm-ups included."""
-        self.redis_url = ""
+        self.targets: dict[str, systems.Target] = {}
+        self.skipped: dict[str, str] = {}
+        self.samples: dict[tuple[str, str, int], list[Row]] = defaultdict(list)
+        self.answered: Counter[str] = Counter()
+        """Successful requests sent to each system, checks and warm-ups included."""
         self.children: list[Child] = []
-        """Live processes of the benchmark (upstream, Redis, proxy), for CPU accounting."""
-        self.turns_line = ""
+        """Live processes of the benchmark (upstream, Redis, proxies), for CPU accounting."""
+        self.redis: Child | None = None
+        self.redis_url = ""
 
     def cells(self) -> list[tuple[str, int]]:
         cells = [("json", 1), ("json", self.args.connections)]
@@ -78,25 +84,41 @@ class Bench:
             cells.append(("stream", self.args.connections))
         return cells
 
-    def measure(self, name: str, target: systems.Target) -> None:
-        """Check one answer, then run every cell against ``target``."""
+    def add(self, name: str, target: systems.Target) -> None:
+        """Check that ``target`` answers both body kinds, then include it in the rounds."""
         for mode in {mode for mode, _ in self.cells()}:
             check_answer(target.chat_url, self.bodies[mode].read_bytes(), mode)
-            self.answered += 1
-        for mode, conns in self.cells():
-            print(f"  {name} {mode} x{conns} ...", flush=True)
-            if self.args.warmup > 0:
-                self.answered += _ok(self.wrk_run(target, mode, conns, self.args.warmup))
-            cpu_before, ours_before, busy_before = (
-                target.child.cpu_seconds(), self.our_cpu(), system_busy_seconds())
-            result = self.wrk_run(target, mode, conns, self.args.seconds)
-            cpu = target.child.cpu_seconds() - cpu_before
-            other = system_busy_seconds() - busy_before - (self.our_cpu() - ours_before)
-            self.answered += _ok(result)
-            per_request = cpu * 1000 / result.requests if result.requests else None
-            note = f"{result.bad_status} non-2xx!" if result.bad_status else ""
-            self.rows.append(Row(name, mode, conns, result, per_request,
-                                 max(other, 0.0) / result.seconds, note))
+            self.answered[name] += 1
+        self.targets[name] = target
+        if target.child not in self.children:
+            self.children.append(target.child)
+
+    def run_rounds(self) -> None:
+        """Each cell runs on every system back to back, so neighbours share conditions."""
+        for round_no in range(1, self.args.rounds + 1):
+            for mode, conns in self.cells():
+                for name, target in self.targets.items():
+                    print(f"  round {round_no}: {mode} x{conns} {name} ...", flush=True)
+                    self.samples[(name, mode, conns)].append(
+                        self.measure(name, target, mode, conns))
+
+    def measure(self, name: str, target: systems.Target, mode: str, conns: int) -> Row:
+        if self.args.warmup > 0:
+            self.answered[name] += _ok(self.wrk_run(target, mode, conns, self.args.warmup))
+        redis = self.redis if name == "gateway" else None
+        before = (target.child.cpu_seconds(), redis.cpu_seconds() if redis else 0.0,
+                  self.our_cpu(), system_busy_seconds())
+        result = self.wrk_run(target, mode, conns, self.args.seconds)
+        after = (target.child.cpu_seconds(), redis.cpu_seconds() if redis else 0.0,
+                 self.our_cpu(), system_busy_seconds())
+        cpu, redis_cpu, ours, busy = (a - b for a, b in zip(after, before, strict=True))
+        self.answered[name] += _ok(result)
+        count = max(result.requests, 1)
+        notes = [f"{result.bad_status} non-2xx!"] if result.bad_status else []
+        if redis:
+            notes.append(f"redis {redis_cpu * 1000 / count:.3f} cpu ms/req")
+        return Row(name, mode, conns, result, cpu * 1000 / count,
+                   max(busy - ours, 0.0) / result.seconds, "; ".join(notes))
 
     def our_cpu(self) -> float:
         return own_cpu_seconds() + sum(child.cpu_seconds() for child in self.children)
@@ -108,8 +130,21 @@ class Bench:
 
     def skip(self, name: str, why: str) -> None:
         print(f"  {name}: skipped: {why}", flush=True)
-        for mode, conns in self.cells():
-            self.rows.append(Row(name, mode, conns, None, note=f"skipped: {why[:60]}"))
+        self.skipped[name] = why
+
+    def rows(self) -> list[Row]:
+        """Per system and cell, the best of the rounds (other load only ever slows a run)."""
+        rows = []
+        for name in self.args.systems.split(","):
+            for mode, conns in self.cells():
+                samples = self.samples.get((name, mode, conns))
+                if samples:
+                    rows.append(max(samples, key=lambda row: row.result.rps if row.result
+                                    else 0.0))
+                else:
+                    why = self.skipped.get(name, "not run")
+                    rows.append(Row(name, mode, conns, None, note=f"skipped: {why[:60]}"))
+        return rows
 
 
 def _ok(result: WrkResult) -> int:
@@ -135,61 +170,45 @@ def check_answer(url: str, body: bytes, mode: str) -> None:
         raise CheckError(f"check request: HTTP {status}, body {text[:200]!r}")
 
 
-@contextmanager
-def started(bench: Bench, name: str, upstream: systems.Target) -> Iterator[systems.Target]:
-    """The system ``name`` running against ``upstream`` (direct: the upstream itself)."""
-    if name == "direct":
-        yield upstream
-        return
-    with ExitStack() as stack:
-        cpus, logs = bench.plan.proxy, bench.log_dir
-        if name == "thin":
-            target = stack.enter_context(systems.thin_forwarder(logs, cpus, upstream.base_url))
-        elif name == "litellm":
-            target = stack.enter_context(systems.litellm_proxy(logs, cpus, upstream.base_url))
-        else:
-            redis_url, redis_child = stack.enter_context(
-                systems.redis_server(logs, bench.plan.load))
-            bench.redis_url = redis_url
-            bench.children.append(redis_child)
-            target = stack.enter_context(
-                systems.reef_gateway(logs, cpus, upstream.base_url, redis_url))
-        bench.children.append(target.child)
-        yield target
-
-
-def run_system(bench: Bench, name: str, upstream: systems.Target) -> None:
+def start_system(bench: Bench, stack: ExitStack, name: str, upstream: systems.Target) -> None:
+    """Start ``name`` (its processes stop when ``stack`` closes) and add it to the rounds."""
     if name == "gateway" and not systems.GATEWAY_MAIN.exists():
         bench.skip(name, f"{systems.GATEWAY_MAIN.relative_to(systems.ROOT)} does not exist yet")
         return
-    bench.answered = 0
-    bench.children = [upstream.child]
+    cpus, logs, up = bench.plan.proxy, bench.log_dir, upstream.base_url
     try:
-        with started(bench, name, upstream) as target:
-            bench.measure(name, target)
-            if name == "gateway":
-                report_turns(bench)
-    except (StartError, CheckError, LoadGenError) as exc:
+        if name == "direct":
+            target = upstream
+        elif name == "thin":
+            target = stack.enter_context(systems.thin_forwarder(logs, cpus, up))
+        elif name == "litellm":
+            target = stack.enter_context(systems.litellm_proxy(logs, cpus, up))
+        else:
+            bench.redis_url, bench.redis = stack.enter_context(
+                systems.redis_server(logs, bench.plan.load))
+            bench.children.append(bench.redis)
+            target = stack.enter_context(systems.reef_gateway(logs, cpus, up, bench.redis_url))
+        print(f"  {name}: up at {target.base_url}", flush=True)
+        bench.add(name, target)
+    except (StartError, CheckError) as exc:
         bench.skip(name, str(exc).splitlines()[0])
         print(str(exc)[-1500:], flush=True)
 
 
-def report_turns(bench: Bench, settle: float = 10.0) -> None:
-    """Prove recording was on: XLEN of the turns stream once it stops growing."""
-    import redis  # the project's venv has it; only this row needs it
+def turns_recorded(redis_url: str, settle: float = 10.0) -> int:
+    """XLEN of the turns stream once it stops growing (recording is asynchronous)."""
+    import redis  # the project's venv has it; only the gateway needs it
 
-    client = redis.Redis.from_url(bench.redis_url)
+    client = redis.Redis.from_url(redis_url)
     try:
         last, deadline = -1, time.monotonic() + settle
         length = int(client.xlen(TURNS_STREAM))
         while length != last and time.monotonic() < deadline:
             time.sleep(1.0)
             last, length = length, int(client.xlen(TURNS_STREAM))
+        return length
     finally:
         client.close()
-    bench.turns_line = (f"gateway recording: XLEN {TURNS_STREAM} = {length:,} for "
-                        f"{bench.answered:,} answered requests")
-    print(f"  {bench.turns_line}", flush=True)
 
 
 def main() -> None:
@@ -200,20 +219,31 @@ def main() -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     bench = Bench(args, ensure_wrk(), log_dir)
     print(f"reef gateway benchmark: {args.seconds:g} s per row (+{args.warmup:g} s warm-up), "
-          f"{args.connections} connections; {bench.plan.describe()}; "
+          f"{args.rounds} round(s), {args.connections} connections; {bench.plan.describe()}; "
           f"load average {os.getloadavg()[0]:.2f}; logs in {log_dir}", flush=True)
-    with systems.fake_upstream(log_dir, bench.plan.load) as upstream:
+    turns_line = ""
+    with ExitStack() as stack:
+        upstream = stack.enter_context(systems.fake_upstream(log_dir, bench.plan.load))
+        bench.children.append(upstream.child)
         for name in args.systems.split(","):
-            run_system(bench, name, upstream)
-    results = Results(bench.rows)
+            start_system(bench, stack, name, upstream)
+        try:
+            bench.run_rounds()
+        except LoadGenError as exc:
+            print(f"wrk failed, the table is partial: {exc}", flush=True)
+        if "gateway" in bench.targets:
+            turns_line = (f"gateway recording: XLEN {TURNS_STREAM} = "
+                          f"{turns_recorded(bench.redis_url):,} for "
+                          f"{bench.answered['gateway']:,} answered requests")
+    results = Results(bench.rows())
     report.print_table(results)
-    if bench.turns_line:
-        print(f"\n{bench.turns_line}")
+    if turns_line:
+        print(f"\n{turns_line}")
     report.print_noise(results, os.cpu_count() or 1)
     report.print_ratios(results, args.connections)
     (log_dir / "results.json").write_text(json.dumps(
-        [{**asdict(row), "rps": row.result.rps if row.result else None} for row in bench.rows],
-        indent=2))
+        [{**asdict(row), "rps": row.result.rps if row.result else None}
+         for rows in bench.samples.values() for row in rows], indent=2))
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -221,4 +251,8 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: every process the benchmark started was stopped")
+        raise SystemExit(130) from None

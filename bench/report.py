@@ -39,10 +39,22 @@ class Results:
     def __init__(self, rows: list[Row]) -> None:
         self.rows = rows
 
-    def get(self, system: str, mode: str, connections: int) -> WrkResult | None:
+    def row(self, system: str, mode: str, connections: int) -> Row | None:
         for row in self.rows:
             if (row.system, row.mode, row.connections) == (system, mode, connections):
-                return row.result
+                return row
+        return None
+
+    def get(self, system: str, mode: str, connections: int) -> WrkResult | None:
+        row = self.row(system, mode, connections)
+        return row.result if row else None
+
+    def cpu_ratio(self, system: str, other: str, mode: str, connections: int) -> float | None:
+        """``other``'s CPU per request over ``system``'s: capacity per core, which other
+        load on the machine hardly changes (unlike req/s)."""
+        mine, theirs = self.row(system, mode, connections), self.row(other, mode, connections)
+        if mine and theirs and mine.cpu_ms_per_request and theirs.cpu_ms_per_request:
+            return theirs.cpu_ms_per_request / mine.cpu_ms_per_request
         return None
 
 
@@ -105,6 +117,17 @@ def print_ratios(results: Results, connections: int) -> None:
     _line(f"thin / litellm req/s @{c}", ratio(thin, litellm), "{:.1f}x")
     _line(f"stream: gateway / thin req/s @{c}", ratio(gws, thins), "{:.2f}")
     _line(f"stream: gateway / litellm req/s @{c}", ratio(gws, litellms), "{:.1f}x")
+    print("  capacity per CPU (from cpu ms/req; robust to other load on the machine):")
+    _line(f"gateway / thin @{c}", results.cpu_ratio("gateway", "thin", "json", c), "{:.2f}",
+          ">=", MIN_VS_THIN)
+    _line(f"gateway / litellm @{c}", results.cpu_ratio("gateway", "litellm", "json", c),
+          "{:.1f}x", ">=", MIN_VS_LITELLM)
+    _line(f"stream: gateway / thin @{c}", results.cpu_ratio("gateway", "thin", "stream", c),
+          "{:.2f}")
+    gw_cpu = results.row("gateway", "json", c)
+    if gw_cpu and gw_cpu.cpu_ms_per_request:
+        _line("gateway req/s per CPU (1000 / cpu ms/req)", 1000 / gw_cpu.cpu_ms_per_request,
+              "{:,.0f}")
 
 
 _COMPARE: dict[str, Callable[[float, float], bool]] = {
