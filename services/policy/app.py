@@ -2,6 +2,8 @@
 
 The model loads in the background after the server starts: ``/healthz`` answers at
 once, ``/readyz`` and the chat route answer 503 until the weights are in memory.
+One model is served: a request's ``model`` field is accepted whatever it says (the
+gateway may map names), and every answer names the served model.
 """
 
 from __future__ import annotations
