@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.loadgen import API_KEY
-from bench.procs import Child, free_port, http_ok, running, tcp_open
+from bench.procs import Child, StartError, free_port, http_ok, running, tcp_open
 
 ROOT = Path(__file__).resolve().parent.parent
 """The repository root (the gateway runs from here, as ``python -m services.gateway``)."""
@@ -93,10 +93,13 @@ def ensure_litellm() -> Path:
         return exe
     print(f"installing litellm[proxy]=={LITELLM_VERSION} into {LITELLM_VENV} "
           "(once; a few minutes) ...", flush=True)
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q",
-                    f"litellm[proxy]=={LITELLM_VERSION}"], check=True)
+    try:
+        if not python.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q",
+                        f"litellm[proxy]=={LITELLM_VERSION}"], check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise StartError(f"could not install litellm[proxy]=={LITELLM_VERSION}: {exc}") from exc
     return exe
 
 
