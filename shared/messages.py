@@ -8,6 +8,8 @@ new kind (``turn.v2``); consumers accept both while producers move over.
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 import uuid
 from typing import Any, Literal
@@ -15,10 +17,22 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+_PROCESS_TAG = uuid.uuid4().hex[:12]
+_SEQUENCE = itertools.count()
+
+
+def _new_process_tag() -> None:
+    global _PROCESS_TAG
+    _PROCESS_TAG = uuid.uuid4().hex[:12]
+
+
+os.register_at_fork(after_in_child=_new_process_tag)
+
 
 def new_id() -> str:
-    """A producer-set message id (sortable by creation time)."""
-    return f"{time.time_ns():x}-{uuid.uuid4().hex[:12]}"
+    """A producer-set message id: creation time, a random tag drawn once per process, and
+    a per-process sequence number (unique without drawing randomness per message)."""
+    return f"{time.time_ns():x}-{_PROCESS_TAG}-{next(_SEQUENCE):x}"
 
 
 class Message(BaseModel):

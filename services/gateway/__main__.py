@@ -14,7 +14,8 @@ def main() -> None:
     setup_logging(settings.log_level)
     uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port,
                 loop="uvloop", http="httptools", access_log=False, log_config=None,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, proxy_headers=False,
+                server_header=False)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,10 +18,10 @@ from starlette.responses import Response
 
 from services.gateway.auth import Authenticator
 from services.gateway.chat import ChatHandler
+from services.gateway.endpoint import ASGIApp, ChatEndpoint, dispatch
 from services.gateway.errors import APIError, error_response, upstream_error
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.recorder import Recorder
-from services.gateway.request import parse_json, read_chat_request
 from services.gateway.upstream import Upstream
 from shared.keys import Keys
 from shared.settings import Settings
@@ -54,24 +53,8 @@ def build_gateway(settings: Settings, metrics: GatewayMetrics | None = None) -> 
                    ChatHandler(settings, upstream, recorder, metrics))
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, or a 413 as soon as it grows past ``limit`` bytes."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"Request body exceeds {limit} bytes.", code="request_too_large")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"Request body exceeds {limit} bytes.",
-                           code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> FastAPI:
-    """The gateway as an ASGI app."""
+def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> ASGIApp:
+    """The gateway as an ASGI app: the chat endpoint in front of a FastAPI app."""
     gw = build_gateway(settings, metrics)
 
     @asynccontextmanager
@@ -90,19 +73,12 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> Fas
     app.state.gateway = gw
     _add_error_handlers(app)
     _add_routes(app, gw)
-    return app
+    chat = ChatEndpoint(gw.auth, gw.chat, gw.metrics, settings.max_body_bytes,
+                        settings.model_map)
+    return dispatch(chat, app)
 
 
 def _add_routes(app: FastAPI, gw: Gateway) -> None:
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        started = time.perf_counter()
-        caller = gw.auth(request.headers)
-        body = parse_json(await read_body(request, gw.settings.max_body_bytes))
-        chat = read_chat_request(body, request.headers, caller.tenant, caller.key_hash,
-                                 gw.settings.model_map)
-        return await gw.chat(chat, caller.tenant, started)
-
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         gw.auth(request.headers)
@@ -145,12 +121,8 @@ async def _redis_ok(redis: aioredis.Redis) -> bool:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    metrics: GatewayMetrics = app.state.gateway.metrics
-
     @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> Response:
-        if request.url.path == "/v1/chat/completions":
-            metrics.requests.labels("unknown", str(exc.status)).inc()
+    async def api_error(_: Request, exc: APIError) -> Response:
         return error_response(exc)
 
     @app.exception_handler(HTTPException)

@@ -1,14 +1,18 @@
-"""``POST /v1/chat/completions``: forward, relay, and record the turn on the side."""
+"""``POST /v1/chat/completions``: forward, relay, and record the turn on the side.
+
+Framework-free: ``ChatHandler`` returns a ``Reply`` (a whole body, or an async iterator of
+SSE events) that the ASGI endpoint in ``services.gateway.endpoint`` sends.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
-from starlette.responses import Response, StreamingResponse
 
 from services.gateway.assemble import Answer, StreamAssembler, from_response, strip_unasked
 from services.gateway.errors import APIError, error_body, upstream_error
@@ -23,6 +27,15 @@ POLICY_VERSION_HEADER = "x-reef-policy-version"
 """Header by which a policy server names the weights that produced an answer."""
 
 
+@dataclass(slots=True)
+class Reply:
+    """What to answer: a whole JSON body, or a stream of SSE events."""
+
+    session_id: str
+    body: bytes = b""
+    events: AsyncIterator[bytes] | None = None
+
+
 class ChatHandler:
     """Forwards chat requests upstream and hands finished turns to the recorder."""
 
@@ -32,6 +45,10 @@ class ChatHandler:
         self._upstream = upstream
         self._recorder = recorder
         self._metrics = metrics
+        # Label children bound once: .labels() costs a lock and a dict lookup per call.
+        self._ok_whole = metrics.requests.labels("false", "200")
+        self._seconds = {stream: metrics.request_seconds.labels(str(stream).lower())
+                         for stream in (False, True)}
 
     def _ask_for_training_data(self, chat: ChatRequest) -> tuple[bool, bool, bool]:
         """Add the logprobs/token-id/usage asks; return which ones the client lacked."""
@@ -49,9 +66,11 @@ class ChatHandler:
                                       "include_usage": True}
         return strip_logprobs, strip_ids, strip_usage
 
-    async def __call__(self, chat: ChatRequest, tenant: str, started: float) -> Response:
+    async def __call__(self, chat: ChatRequest, tenant: str, started: float,
+                       raw: bytes) -> Reply:
+        """Forward ``chat``; ``raw`` is the client's body, sent as is when unchanged."""
         strips = self._ask_for_training_data(chat)
-        payload = orjson.dumps(chat.body)
+        payload = orjson.dumps(chat.body) if chat.changed or any(strips) else raw
         resp = await self._upstream.request("POST", "/chat/completions", payload)
         if resp.status >= 400:
             try:
@@ -60,14 +79,12 @@ class ChatHandler:
                 resp.release()
             raise upstream_error(resp.status, body)
         if chat.stream and resp.content_type == "text/event-stream":
-            relay = self._relay(resp, chat, tenant, started, strips)
-            return StreamingResponse(relay, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache",
-                                              "X-Reef-Session-Id": chat.session_id})
+            return Reply(chat.session_id,
+                         events=self._relay(resp, chat, tenant, started, strips))
         return await self._whole(resp, chat, tenant, started, strips)
 
     async def _whole(self, resp: aiohttp.ClientResponse, chat: ChatRequest, tenant: str,
-                     started: float, strips: tuple[bool, bool, bool]) -> Response:
+                     started: float, strips: tuple[bool, bool, bool]) -> Reply:
         try:
             raw = await resp.read()
         except TimeoutError:
@@ -88,9 +105,8 @@ class ChatHandler:
             strip_unasked(data, strips[0], strips[1])
             raw = orjson.dumps(data)
         self._record(chat, tenant, answer, resp, started, completed=True)
-        self._metrics.requests.labels("false", "200").inc()
-        return Response(raw, media_type="application/json",
-                        headers={"X-Reef-Session-Id": chat.session_id})
+        self._ok_whole.inc()
+        return Reply(chat.session_id, body=raw)
 
     async def _relay(self, resp: aiohttp.ClientResponse, chat: ChatRequest, tenant: str,
                      started: float, strips: tuple[bool, bool, bool]) -> AsyncIterator[bytes]:
@@ -156,7 +172,7 @@ class ChatHandler:
     def _record(self, chat: ChatRequest, tenant: str, answer: Answer,
                 resp: aiohttp.ClientResponse, started: float, completed: bool) -> None:
         latency = time.perf_counter() - started
-        self._metrics.request_seconds.labels("true" if chat.stream else "false").observe(latency)
+        self._seconds[chat.stream].observe(latency)
         body = chat.body
         self._recorder.record({
             "kind": "turn.v1", "id": new_id(), "created_at": time.time(),

@@ -35,6 +35,8 @@ class ChatRequest:
     wants_logprobs: bool
     wants_token_ids: bool
     wants_usage: bool
+    changed: bool
+    """Whether ``body`` differs from what the client sent (else the raw bytes are sent)."""
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -117,9 +119,12 @@ def read_chat_request(body: dict[str, Any], headers: Mapping[str, str], tenant: 
     """Check a parsed body and derive what Reef needs; raises ``APIError``."""
     _check_types(body)
     check_messages(body.get("messages"))
+    changed = any(name in body for name in SESSION_FIELDS)
     session_id, turn_type, done = session_from(headers, body, tenant, key_hash)
     request_model = body["model"]
-    body["model"] = model_map.get(request_model, request_model)
+    if request_model in model_map:
+        body["model"] = model_map[request_model]
+        changed = True
     stream_options = body.get("stream_options")
     return ChatRequest(
         body=body,
@@ -131,4 +136,5 @@ def read_chat_request(body: dict[str, Any], headers: Mapping[str, str], tenant: 
         wants_logprobs=bool(body.get("logprobs")),
         wants_token_ids=bool(body.get("return_token_ids")),
         wants_usage=isinstance(stream_options, dict) and bool(stream_options.get("include_usage")),
+        changed=changed,
     )

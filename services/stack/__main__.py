@@ -75,7 +75,7 @@ def converse(info: dict[str, str], run_id: str) -> list[str]:
             reply = ""
             for chunk in client.chat.completions.create(
                     model=info["model"], messages=messages, stream=True, max_tokens=60,
-                    temperature=0.7, extra_headers=headers):
+                    temperature=0.2, extra_headers=headers):
                 if chunk.choices and chunk.choices[0].delta.content:
                     reply += chunk.choices[0].delta.content
                     print(chunk.choices[0].delta.content, end="", flush=True)
