@@ -16,10 +16,14 @@ SKILLS = "skills"
 """Stream of skill-library events (``skill.v1``); every gateway replica follows it."""
 WEIGHTS = "weights"
 """Stream of new-adapter events (``weights.v1``); the policy server and gateways follow it."""
+FINALISED = "finalised"
+"""Scorer-internal stream of turns whose follow-up is known (``finalised.v1``)."""
 DEAD_SUFFIX = ":dead"
 """Appended to a stream's key to name its dead-letter stream."""
 
 GROUP_SCORER = "scorer"
+GROUP_JUDGE = "scorer-judge"
+"""The scorer's second stage: scores ``finalised`` entries."""
 GROUP_SKILL_MINER = "skill-miner"
 GROUP_TRAINER = "trainer"
 
@@ -50,3 +54,16 @@ class Keys:
         """Marker that a consumer group finished a message (set with the ack), so a
         redelivered or replayed entry with the same message id is acked, not handled again."""
         return f"{self.namespace}:done:{group}:{message_id}"
+
+    def session_turns(self, tenant: str, session_id: str) -> str:
+        """Hash of a session's turns seen by the scorer and not yet finalised (by index)."""
+        return f"{self.namespace}:session:{tenant}:{session_id}:pending"
+
+    def idle_sessions(self) -> str:
+        """Sorted set: session-turns key -> time of its last turn (for idle finalisation)."""
+        return f"{self.namespace}:scorer:active"
+
+    def feedback(self, tenant: str, session_id: str) -> str:
+        """Hash of explicit feedback on a session: ``turn:<response id>``, ``index:<n>`` or
+        ``session`` -> feedback JSON."""
+        return f"{self.namespace}:feedback:{tenant}:{session_id}"

@@ -96,6 +96,19 @@ class TurnV1(Message):
     completed: bool = True
     """False when the client went away before the answer ended."""
     skill_ids: list[str] = Field(default_factory=list)
+    response_id: str | None = None
+    """The completion id the client saw (``chatcmpl-...``); feedback may name it."""
+
+
+class FinalisedV1(Message):
+    """A turn whose follow-up is known: ready to be scored (the scorer's internal stream)."""
+
+    kind: Literal["finalised.v1"] = "finalised.v1"
+    turn: TurnV1
+    follow_up: list[dict[str, Any]] = Field(default_factory=list)
+    """What came next: the messages of the next main turn after this turn's answer (the
+    user's reply, tool results). Empty when the session ended or went idle."""
+    reason: Literal["next_turn", "session_done", "idle", "side_turn"]
 
 
 class ScoredV1(Message):
@@ -106,6 +119,12 @@ class ScoredV1(Message):
     reward: float | None
     """None means unscored (the judge kept failing): never trained on."""
     components: dict[str, float] = Field(default_factory=dict)
+    """Each source's reward in [-1, 1] (``judge``, ``implicit``, ``explicit``), and the
+    implicit signals that fired (``implicit.correction`` ...)."""
+    follow_up: list[dict[str, Any]] = Field(default_factory=list)
+    reason: str = "next_turn"
+    """Why the turn was finalised: next_turn, session_done, idle, side_turn."""
+    judge_tokens: int = 0
     votes: list[int] = Field(default_factory=list)
     rationale: str = ""
     trainable: bool = True
@@ -136,7 +155,8 @@ class WeightsEventV1(Message):
 
 
 MESSAGE_KINDS: dict[str, type[Message]] = {
-    m.model_fields["kind"].default: m for m in (TurnV1, ScoredV1, SkillEventV1, WeightsEventV1)
+    m.model_fields["kind"].default: m
+    for m in (TurnV1, FinalisedV1, ScoredV1, SkillEventV1, WeightsEventV1)
 }
 """Every kind a consumer may meet, by name."""
 

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -39,6 +39,12 @@ class ConfigError(ValueError):
 def hash_api_key(key: str) -> str:
     """The form in which API keys are stored and compared: ``sha256:<hex>``."""
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def _alias(name: str) -> AliasChoices:
+    """Accept a field under its own name (``AZURE_OPENAI_API_KEY``, the name users and the
+    SDKs know) and with Reef's prefix (``REEF_AZURE_OPENAI_API_KEY``)."""
+    return AliasChoices(name, "reef_" + name)
 
 
 def _config_file() -> Path | None:
@@ -146,10 +152,36 @@ class Settings(BaseSettings):
     prm_base_url: str = ""
     prm_api_key: SecretStr | None = None
     azure_openai_deployment: str = ""
-    azure_openai_endpoint: str = Field("", validation_alias="AZURE_OPENAI_ENDPOINT")
-    azure_openai_api_key: SecretStr | None = Field(None, validation_alias="AZURE_OPENAI_API_KEY")
+    """Azure OpenAI deployment for the judge (and the skill evolver); with it, the judge
+    calls ``<azure_openai_endpoint>/openai/deployments/<deployment>/chat/completions``."""
+    azure_openai_endpoint: str = Field("", validation_alias=_alias("azure_openai_endpoint"))
+    azure_openai_api_key: SecretStr | None = Field(
+        None, validation_alias=_alias("azure_openai_api_key"))
+    azure_openai_api_version: str = "2024-10-21"
+    judge_timeout_seconds: float = 30.0
+    """Per judge call; a vote that times out is retried, then counted as failed."""
+    judge_retries: int = 2
+    judge_concurrency: int = 64
+    """Judge calls in flight at once, per scorer process."""
+    judge_max_tokens: int = 300
+    judge_temperature: float = 0.6
+    use_implicit: bool = True
+    """Score from what the user does next (corrections, thanks, re-asks, tool errors)."""
+    reward_weights: dict[str, float] = Field(
+        default_factory=lambda: {"judge": 1.0, "implicit": 1.0, "explicit": 1.0})
+    """Weights of the reward components in the combined reward (a weighted mean of the
+    components present)."""
+    explicit_overrides: bool = True
+    """Explicit feedback (``POST /v1/feedback``) replaces the other components."""
+    train_side_turns: bool = False
+    """Side turns (heartbeats, memory, cron) are recorded; trained on only if this is set."""
     session_idle_seconds: float = 600.0
     """A session with no new turn for this long is finalised (its last turn scored)."""
+    sweep_interval_seconds: float = 5.0
+    """How often each scorer looks for idle sessions."""
+    teacher_hints: bool = False
+    """Ask the judge model for a corrective hint on turns that went wrong (for on-policy
+    distillation); carried in the scored message."""
 
     # --- skills -------------------------------------------------------------------------
     use_skills: bool = False
@@ -162,7 +194,7 @@ class Settings(BaseSettings):
     # --- trainer ------------------------------------------------------------------------
     mode: Literal["rl", "opd", "skills_only", "auto"] = "auto"
     backend: Literal["local", "tinker"] = "local"
-    tinker_api_key: SecretStr | None = Field(None, validation_alias="TINKER_API_KEY")
+    tinker_api_key: SecretStr | None = Field(None, validation_alias=_alias("tinker_api_key"))
     lora_rank: int = 32
     learning_rate: float = 1e-4
     batch_size: int = 16

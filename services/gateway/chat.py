@@ -185,7 +185,7 @@ class ChatHandler:
             "response_message": answer.message, "finish_reason": answer.finish_reason,
             "usage": answer.usage, "sampled": answer.sampled(),
             "latency_seconds": latency, "stream": chat.stream, "completed": completed,
-            "skill_ids": [],
+            "skill_ids": [], "response_id": answer.response_id,
         })
 
 

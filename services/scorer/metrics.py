@@ -1,0 +1,50 @@
+"""The scorer's Prometheus metrics (prefix ``reef_scorer_``, small fixed label sets)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+REWARD_BUCKETS = (-1.0, -0.75, -0.5, -0.25, -0.001, 0.001, 0.25, 0.5, 0.75, 1.0)
+JUDGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LAG_BUCKETS = (0.01, 0.1, 1.0, 5.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0)
+
+
+@dataclass(frozen=True)
+class ScorerMetrics:
+    """Every metric of one scorer process, on one registry."""
+
+    registry: CollectorRegistry
+    scored: Counter
+    """Turns scored, by source (judge, implicit, explicit, none) and outcome."""
+    reward: Histogram
+    judge_seconds: Histogram
+    judge_errors: Counter
+    judge_tokens: Counter
+    finalised: Counter
+    finalisation_lag: Histogram
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> ScorerMetrics:
+        reg = registry or CollectorRegistry()
+        return cls(
+            registry=reg,
+            scored=Counter("reef_scorer_turns_scored_total", "Scored turns by reward source "
+                           "and outcome (scored, unscored, untrained).", ["source", "outcome"],
+                           registry=reg),
+            reward=Histogram("reef_scorer_reward", "Combined reward of scored turns.",
+                             buckets=REWARD_BUCKETS, registry=reg),
+            judge_seconds=Histogram("reef_scorer_judge_seconds", "One judge call, retries "
+                                    "included.", buckets=JUDGE_BUCKETS, registry=reg),
+            judge_errors=Counter("reef_scorer_judge_errors_total", "Failed judge calls by "
+                                 "kind (timeout, http, connect, unparseable).", ["kind"],
+                                 registry=reg),
+            judge_tokens=Counter("reef_scorer_judge_tokens_total", "Tokens used by the judge "
+                                 "(the cost).", ["direction"], registry=reg),
+            finalised=Counter("reef_scorer_turns_finalised_total", "Turns whose follow-up "
+                              "became known, by reason.", ["reason"], registry=reg),
+            finalisation_lag=Histogram("reef_scorer_finalisation_lag_seconds", "From a turn's "
+                                       "recording to its finalisation.",
+                                       buckets=LAG_BUCKETS, registry=reg),
+        )
