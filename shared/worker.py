@@ -29,7 +29,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
@@ -436,6 +436,15 @@ class StreamWorker:
         return {"stream": self.stream, "group": self.group, "consumer": self.consumer}
 
 
+@dataclass(frozen=True, slots=True)
+class Consumer:
+    """One stream a service consumes: the stream's name, the group and the handler."""
+
+    stream: str
+    group: str
+    handler: Handler
+
+
 async def run_worker(
     settings: Settings,
     stream: str,
@@ -445,37 +454,65 @@ async def run_worker(
     consumer: str | None = None,
     registry: CollectorRegistry | None = None,
 ) -> None:
+    """``run_workers`` for a service that consumes one stream."""
+    await run_workers(settings, [Consumer(stream, group, handler)], consumer=consumer,
+                      registry=registry)
+
+
+async def run_workers(
+    settings: Settings,
+    consumers: Sequence[Consumer],
+    *,
+    consumer: str | None = None,
+    registry: CollectorRegistry | None = None,
+    client: Redis | None = None,
+    background: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = (),
+) -> None:
     """A consumer service's main loop: connect, serve ``/metrics`` (if
-    ``settings.metrics_port``), consume until SIGTERM/SIGINT. The first signal stops
-    reading and finishes the batch in hand; a second one cancels the handlers (their
-    entries stay pending and are reclaimed) while acks already started still complete."""
-    client = Redis.from_url(settings.redis_url, **settings.redis_kwargs())
-    worker = StreamWorker(client, Keys(settings.namespace), stream, group, consumer, handler,
-                          settings, registry)
+    ``settings.metrics_port``), consume every stream until SIGTERM/SIGINT. The first signal
+    stops reading and finishes the batches in hand; a second one cancels the handlers (their
+    entries stay pending and are reclaimed) while acks already started still complete.
+
+    ``background`` tasks (e.g. a periodic sweep) get an event set at the first signal and
+    must return soon after it."""
+    own_client = client is None
+    redis = client if client is not None else Redis.from_url(settings.redis_url,
+                                                              **settings.redis_kwargs())
+    keys = Keys(settings.namespace)
+    workers = [StreamWorker(redis, keys, c.stream, c.group, consumer, c.handler, settings,
+                            registry) for c in consumers]
+    stopping = asyncio.Event()
     server = serve_metrics(settings, registry)
-    run = asyncio.create_task(worker.run())
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    tasks += [asyncio.create_task(job(stopping)) for job in background]
     forced = False
 
     def on_signal() -> None:
         nonlocal forced
-        if worker.stopping:
+        if stopping.is_set():
             forced = True
-            run.cancel()
-        worker.stop()
+            for task in tasks:
+                task.cancel()
+        stopping.set()
+        for worker in workers:
+            worker.stop()
 
     loop = asyncio.get_running_loop()
     for sig in SIGNALS:
         loop.add_signal_handler(sig, on_signal)
     try:
-        await run
-    except asyncio.CancelledError:
-        if not forced:
-            raise
-        log.warning("worker.forced_stop", extra=worker.log_fields())
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not (
+                    forced and isinstance(result, asyncio.CancelledError)):
+                raise result
+        if forced:
+            log.warning("worker.forced_stop", extra={"streams": [c.stream for c in consumers]})
     finally:
         for sig in SIGNALS:
             loop.remove_signal_handler(sig)
         if server is not None:
             await asyncio.to_thread(server[0].shutdown)
             server[0].server_close()
-        await client.aclose()
+        if own_client:
+            await redis.aclose()
