@@ -20,6 +20,7 @@ from services.gateway.auth import Authenticator
 from services.gateway.chat import ChatHandler
 from services.gateway.endpoint import ASGIApp, ChatEndpoint, dispatch
 from services.gateway.errors import APIError, error_response, upstream_error
+from services.gateway.feedback import FEEDBACK_PATH, FeedbackHandler
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.recorder import Recorder
 from services.gateway.upstream import Upstream
@@ -79,6 +80,13 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> ASG
 
 
 def _add_routes(app: FastAPI, gw: Gateway) -> None:
+    feedback = FeedbackHandler(gw.auth, gw.redis, Keys(gw.settings.namespace),
+                               gw.settings.dedupe_ttl_seconds)
+
+    @app.post(FEEDBACK_PATH)
+    async def post_feedback(request: Request) -> Response:
+        return await feedback(request)
+
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         gw.auth(request.headers)

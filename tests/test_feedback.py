@@ -1,0 +1,221 @@
+"""``POST /v1/feedback`` end to end: a gateway process, a real Redis, httpx and the official
+openai client as clients."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+import redis
+
+from shared.keys import Keys
+from tests.conftest import RedisServer, free_port
+from tests.fake_upstream import FakeUpstream
+from tests.gateway_proc import API_KEY, OTHER_KEY, GatewayProcess
+
+NAMESPACE = "fbtest"
+KEYS = Keys(NAMESPACE)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    server = FakeUpstream(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_server: RedisServer, upstream: FakeUpstream,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    gw = GatewayProcess(redis_server.url, upstream.base_url, NAMESPACE,
+                        tmp_path_factory.mktemp("gateway"))
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def http(gateway: GatewayProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway.url, timeout=10,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        yield client
+
+
+@pytest.fixture
+def session_id() -> str:
+    """A session of its own for each test, instead of wiping Redis between tests."""
+    return "s-" + uuid.uuid4().hex[:12]
+
+
+def stored(redis_server: RedisServer, tenant: str, session_id: str) -> dict[str, Any]:
+    """The feedback hash of a session, values parsed."""
+    client = redis.Redis(port=redis_server.port, decode_responses=True)
+    raw = client.hgetall(KEYS.feedback(tenant, session_id))
+    return {str(k): orjson.loads(v) for k, v in raw.items()}
+
+
+def assert_error(resp: httpx.Response, status: int, param: str | None) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert error["message"]
+    return dict(error)
+
+
+def test_thumbs_up_on_a_completion_the_client_received(
+        gateway: GatewayProcess, redis_server: RedisServer, session_id: str) -> None:
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=API_KEY, max_retries=0)
+    completion = client.chat.completions.create(
+        model="fake-text", messages=[{"role": "user", "content": "Hi"}],
+        extra_headers={"X-Session-Id": session_id})
+    before = time.time()
+    answer = client.post("/feedback", cast_to=httpx.Response,
+                         body={"session_id": session_id, "response_id": completion.id,
+                               "rating": "up", "text": "Spot on."})
+    assert answer.status_code == 200
+    body = answer.json()
+    target = f"turn:{completion.id}"
+    assert body == {"object": "feedback", "id": body["id"], "session_id": session_id,
+                    "target": target, "score": 1.0}
+    assert body["id"].startswith("fb-")
+    record = stored(redis_server, "alpha", session_id)
+    assert list(record) == [target]
+    assert record[target]["score"] == 1.0
+    assert record[target]["text"] == "Spot on."
+    assert record[target]["id"] == body["id"]
+    assert before - 1 <= record[target]["created_at"] <= time.time() + 1
+    ttl = redis_server.client().ttl(KEYS.feedback("alpha", session_id))
+    assert 7 * 24 * 3600 - 60 < ttl <= 7 * 24 * 3600
+
+
+def test_score_on_a_turn_index_with_the_session_from_the_header(
+        http: httpx.Client, redis_server: RedisServer, session_id: str) -> None:
+    resp = http.post("/v1/feedback", json={"turn_index": 3, "score": -0.5,
+                                           "client_version": "1.2"},  # unknown: ignored
+                     headers={"X-Session-Id": session_id})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["target"] == "index:3"
+    assert resp.json()["score"] == -0.5
+    record = stored(redis_server, "alpha", session_id)
+    assert record["index:3"]["score"] == -0.5
+    assert record["index:3"]["text"] is None
+
+
+def test_session_level_feedback_and_targets_side_by_side(
+        http: httpx.Client, redis_server: RedisServer, session_id: str) -> None:
+    assert http.post("/v1/feedback", json={"session_id": session_id, "rating": "down"}
+                     ).json()["target"] == "session"
+    http.post("/v1/feedback", json={"session_id": session_id, "turn_index": 0, "score": 1})
+    http.post("/v1/feedback", json={"session_id": session_id, "response_id": "chatcmpl-x",
+                                    "score": 0.25})
+    record = stored(redis_server, "alpha", session_id)
+    assert {k: v["score"] for k, v in record.items()} == {
+        "session": -1.0, "index:0": 1.0, "turn:chatcmpl-x": 0.25}
+
+
+def test_later_feedback_on_the_same_target_wins(
+        http: httpx.Client, redis_server: RedisServer, session_id: str) -> None:
+    first = http.post("/v1/feedback", json={"session_id": session_id, "turn_index": 1,
+                                            "rating": "up"}).json()
+    second = http.post("/v1/feedback", json={"session_id": session_id, "turn_index": 1,
+                                             "rating": "down", "text": "Actually, no."}).json()
+    assert first["id"] != second["id"]
+    record = stored(redis_server, "alpha", session_id)
+    assert list(record) == ["index:1"]
+    assert record["index:1"] == {**record["index:1"], "score": -1.0, "text": "Actually, no.",
+                                 "id": second["id"]}
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer sk-wrong"},
+                                     {"Authorization": "Basic abc"}])
+def test_refused_without_a_valid_key(gateway: GatewayProcess, redis_server: RedisServer,
+                                     session_id: str, headers: dict[str, str]) -> None:
+    resp = httpx.post(gateway.url + "/v1/feedback", headers=headers,
+                      json={"session_id": session_id, "rating": "up"})
+    error = assert_error(resp, 401, None)
+    assert error["code"] == "invalid_api_key"
+    assert resp.headers["www-authenticate"] == "Bearer"
+    for tenant in ("alpha", "beta", "dev"):
+        assert stored(redis_server, tenant, session_id) == {}
+
+
+def test_feedback_lands_under_the_callers_tenant_only(
+        gateway: GatewayProcess, redis_server: RedisServer, session_id: str) -> None:
+    # Tenant alpha's session exists; a key of tenant beta names the same session id.
+    resp = httpx.post(gateway.url + "/v1/feedback",
+                      headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"session_id": session_id, "turn_index": 0, "rating": "up"})
+    assert resp.status_code == 200
+    resp = httpx.post(gateway.url + "/v1/feedback",
+                      headers={"Authorization": f"Bearer {OTHER_KEY}"},
+                      json={"session_id": session_id, "turn_index": 0, "rating": "down",
+                            "tenant": "alpha"})  # a body cannot pick the tenant
+    assert resp.status_code == 200
+    assert stored(redis_server, "alpha", session_id)["index:0"]["score"] == 1.0
+    assert stored(redis_server, "beta", session_id)["index:0"]["score"] == -1.0
+
+
+TOO_LONG = "x" * 4001
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"rating": "up"}, "session_id"),
+    ({"session_id": "", "rating": "up"}, "session_id"),
+    ({"session_id": "s" * 257, "rating": "up"}, "session_id"),
+    ({"session_id": 7, "rating": "up"}, "session_id"),
+    ({"session_id": "s", "rating": "up", "score": 1.0}, "score"),
+    ({"session_id": "s"}, "rating"),
+    ({"session_id": "s", "score": 1.5}, "score"),
+    ({"session_id": "s", "score": -1.01}, "score"),
+    ({"session_id": "s", "score": "0.5"}, "score"),
+    ({"session_id": "s", "score": True}, "score"),
+    ({"session_id": "s", "rating": "meh"}, "rating"),
+    ({"session_id": "s", "rating": "up", "text": TOO_LONG}, "text"),
+    ({"session_id": "s", "rating": "up", "turn_index": -1}, "turn_index"),
+    ({"session_id": "s", "rating": "up", "turn_index": "2"}, "turn_index"),
+    ({"session_id": "s", "rating": "up", "turn_index": 1, "response_id": "c"}, "turn_index"),
+    ({"session_id": "s", "rating": "up", "response_id": ""}, "response_id"),
+])
+def test_invalid_fields_are_named(http: httpx.Client, redis_server: RedisServer,
+                                  body: dict[str, Any], param: str) -> None:
+    error = assert_error(http.post("/v1/feedback", json=body), 400, param)
+    assert error["type"] == "invalid_request_error"
+    assert stored(redis_server, "alpha", "s") == {}
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b""])
+def test_a_body_that_is_not_a_json_object_is_a_400(http: httpx.Client, raw: bytes) -> None:
+    error = assert_error(http.post("/v1/feedback", content=raw,
+                                   headers={"Content-Type": "application/json"}), 400, None)
+    assert error["code"] == "invalid_json"
+
+
+def test_an_oversized_body_is_a_413(http: httpx.Client) -> None:
+    body = {"session_id": "s", "rating": "up", "padding": "x" * 70_000}
+    assert_error(http.post("/v1/feedback", json=body), 413, None)
+
+
+def test_redis_down_is_a_503_and_feedback_works_again_after(
+        http: httpx.Client, redis_server: RedisServer, session_id: str) -> None:
+    redis_server.kill()
+    try:
+        started = time.monotonic()
+        resp = http.post("/v1/feedback", json={"session_id": session_id, "rating": "up"})
+        assert time.monotonic() - started < 5
+        error = assert_error(resp, 503, None)
+        assert "Redis" in error["message"]
+        assert error["code"] == "service_unavailable"
+        assert resp.headers["retry-after"] == "1"
+    finally:
+        redis_server.start()
+    resp = http.post("/v1/feedback", json={"session_id": session_id, "rating": "down"})
+    assert resp.status_code == 200, resp.text
+    assert stored(redis_server, "alpha", session_id)["session"]["score"] == -1.0
