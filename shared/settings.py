@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     # --- redis ------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_password: SecretStr | None = None
+    redis_max_connections: int = 64
+    """Connections one process may open; commands beyond them wait for a free one."""
     stream_maxlen: int = 1_000_000
     """Approximate cap (``MAXLEN ~``) of every stream; far above any expected lag."""
     dedupe_ttl_seconds: int = 7 * 24 * 3600

@@ -52,6 +52,7 @@ from shared.metrics import (
     serve_metrics,
     worker_metrics,
 )
+from shared.redis_client import connect
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -476,8 +477,7 @@ async def run_workers(
     ``background`` tasks (e.g. a periodic sweep) get an event set at the first signal and
     must return soon after it."""
     own_client = client is None
-    redis = client if client is not None else Redis.from_url(settings.redis_url,
-                                                              **settings.redis_kwargs())
+    redis = client if client is not None else connect(settings)
     keys = Keys(settings.namespace)
     workers = [StreamWorker(redis, keys, c.stream, c.group, consumer, c.handler, settings,
                             registry) for c in consumers]

@@ -25,6 +25,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.recorder import Recorder
 from services.gateway.upstream import Upstream
 from shared.keys import Keys
+from shared.redis_client import connect
 from shared.settings import Settings
 
 
@@ -44,8 +45,7 @@ class Gateway:
 def build_gateway(settings: Settings, metrics: GatewayMetrics | None = None) -> Gateway:
     """Wire the gateway's parts (nothing started yet)."""
     metrics = metrics or GatewayMetrics.create()
-    redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
-                              **settings.redis_kwargs())
+    redis = connect(settings)
     upstream = Upstream(settings, metrics)
     recorder = Recorder(redis, Keys(settings.namespace), settings.resolved_spool_path(),
                         metrics, settings.stream_maxlen, settings.dedupe_ttl_seconds,

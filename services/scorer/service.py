@@ -1,0 +1,178 @@
+"""The scorer service: two stages over Redis Streams, and an idle sweep.
+
+1. ``turns`` -> session bookkeeping (``Sessions.arrive``): each turn is stored in its
+   session and whatever it finalises is appended to the internal ``finalised`` stream.
+2. ``finalised`` -> rewards (implicit feedback, the judge, explicit feedback) -> one
+   ``scored`` entry per turn. The append is guarded by a marker keyed by the turn id in
+   the same Lua step, so a redelivery or a second replica never scores a turn twice.
+
+Splitting the stages makes each one's work durable before its ack: a scorer killed
+between finalising a turn and scoring it leaves a pending ``finalised`` entry that any
+replica reclaims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any, cast
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.scorer.combine import combine
+from services.scorer.implicit import implicit_reward
+from services.scorer.judge import Judge, Verdict
+from services.scorer.metrics import ScorerMetrics
+from services.scorer.sessions import Sessions
+from shared.keys import SCORED, Keys
+from shared.messages import FinalisedV1, Message, ScoredV1, TurnV1
+from shared.settings import Settings
+from shared.worker import Reject
+
+log = logging.getLogger("reef.scorer")
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+"""Turn ids go into JSON built in Lua; anything else is rejected (dead-lettered)."""
+
+# Exactly one scored entry per turn: the marker and the append are one atomic step.
+_PUBLISH_ONCE_LUA = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'kind', 'scored.v1', 'data', ARGV[3])
+return 1
+"""
+
+
+class Scorer:
+    """The handlers of both stages and the idle sweep; one per scorer process."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis, metrics: ScorerMetrics,
+                 judge: Judge | None = None) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = Keys(settings.namespace)
+        self.metrics = metrics
+        self.judge = judge if judge is not None or not settings.use_prm else Judge(
+            settings, metrics)
+        ttl = int(max(settings.session_idle_seconds * 4, 3600))
+        self.sessions = Sessions(redis, self.keys, settings.stream_maxlen,
+                                 settings.session_idle_seconds, ttl)
+        self._publish_once = redis.register_script(_PUBLISH_ONCE_LUA)
+
+    async def start(self) -> None:
+        if self.judge is not None:
+            await self.judge.start()
+
+    async def close(self) -> None:
+        if self.judge is not None:
+            await self.judge.close()
+
+    # --- stage 1: turns -> finalised ------------------------------------------------------
+
+    async def on_turn(self, message: Message, _entry_id: str) -> None:
+        """Store a turn in its session; finalise what its arrival completes."""
+        if not isinstance(message, TurnV1):
+            raise Reject(f"expected turn.v1, got {message.kind}")
+        if not _SAFE_ID.match(message.id) or message.turn_index < 0:
+            raise Reject("turn id or index unusable")
+        turn_json = message.model_dump_json().encode()
+        await self.sessions.arrive(message, turn_json)
+
+    async def sweep(self, stopping: asyncio.Event) -> None:
+        """Finalise sessions idle for ``session_idle_seconds``, until ``stopping``."""
+        while not stopping.is_set():
+            try:
+                for session_key in await self.sessions.idle_sessions():
+                    await self.sessions.sweep(session_key)
+            except (RedisError, OSError) as exc:
+                log.warning("scorer.sweep_failed", extra={"error": type(exc).__name__})
+            try:
+                await asyncio.wait_for(stopping.wait(), self.settings.sweep_interval_seconds)
+            except TimeoutError:
+                continue
+
+    # --- stage 2: finalised -> scored -----------------------------------------------------
+
+    async def on_finalised(self, message: Message, _entry_id: str) -> None:
+        """Score a finalised turn and publish its ``scored`` entry (once)."""
+        if not isinstance(message, FinalisedV1):
+            raise Reject(f"expected finalised.v1, got {message.kind}")
+        turn = message.turn
+        self.metrics.finalised.labels(message.reason).inc()
+        self.metrics.finalisation_lag.observe(max(0.0, message.created_at - turn.created_at))
+        scored, source = await self.score(message)
+        published = await self._publish_once(
+            keys=[self.keys.dedupe("scored", turn.id), self.keys.stream(SCORED)],
+            args=[self.settings.dedupe_ttl_seconds, self.settings.stream_maxlen,
+                  orjson.dumps(scored.model_dump(mode="json"))])
+        if published:
+            self._count(scored, source)
+
+    async def score(self, fin: FinalisedV1) -> tuple[ScoredV1, str]:
+        """The scored message of a finalised turn and the source of its reward (for
+        metrics); no side effects but judge calls."""
+        turn, s = fin.turn, self.settings
+        base: dict[str, Any] = {"id": turn.id, "turn": turn, "follow_up": fin.follow_up,
+                                "reason": fin.reason}
+        if turn.turn_type == "side" and not s.train_side_turns:
+            return ScoredV1(**base, reward=None, trainable=False), "none"
+        implicit = implicit_reward(turn, fin.follow_up) if s.use_implicit else None
+        verdict = await self._judge(turn, fin.follow_up)
+        explicit = await self._explicit(turn)
+        combined = combine(
+            judge=None if verdict is None else verdict.score, judge_required=s.use_prm,
+            implicit=None if implicit is None else implicit.score,
+            implicit_signals={} if implicit is None else implicit.signals,
+            explicit=None if explicit is None else explicit[0],
+            weights=s.reward_weights, explicit_overrides=s.explicit_overrides)
+        trainable = combined.reward is not None and turn.completed
+        scored = ScoredV1(
+            **base, reward=combined.reward, components=combined.components,
+            votes=[] if verdict is None else verdict.votes,
+            rationale="" if verdict is None else verdict.rationale,
+            trainable=trainable,
+            teacher_hint=_hint(verdict, explicit),
+            judge_tokens=0 if verdict is None else verdict.prompt_tokens
+            + verdict.completion_tokens)
+        return scored, combined.source
+
+    async def _judge(self, turn: TurnV1, follow_up: list[dict[str, Any]]) -> Verdict | None:
+        if self.judge is None:
+            return None
+        return await self.judge.judge(turn, follow_up)
+
+    async def _explicit(self, turn: TurnV1) -> tuple[float, str | None] | None:
+        """The user's explicit feedback on this turn (or its session), if any: the most
+        specific one wins (response id, then turn index, then session)."""
+        fields = [f"index:{turn.turn_index}", "session"]
+        if turn.response_id:
+            fields.insert(0, f"turn:{turn.response_id}")
+        values = await self.redis.hmget(self.keys.feedback(turn.tenant, turn.session_id),
+                                        fields)
+        for raw in cast(list[bytes | None], values):
+            if raw is None:
+                continue
+            try:
+                data = orjson.loads(raw)
+                return max(-1.0, min(1.0, float(data["score"]))), data.get("text")
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                log.warning("scorer.bad_feedback_entry", extra={"tenant": turn.tenant})
+        return None
+
+    def _count(self, scored: ScoredV1, source: str) -> None:
+        if scored.reward is None:
+            outcome = "untrained" if scored.reason == "side_turn" else "unscored"
+            self.metrics.scored.labels(source, outcome).inc()
+            return
+        self.metrics.scored.labels(source, "scored").inc()
+        self.metrics.reward.observe(scored.reward)
+
+
+def _hint(verdict: Verdict | None, explicit: tuple[float, str | None] | None) -> str | None:
+    """A corrective hint for on-policy distillation: the user's own words on a turn they
+    rated down beat the judge's."""
+    if explicit is not None and explicit[0] < 0 and explicit[1]:
+        return explicit[1]
+    return None if verdict is None else verdict.hint
