@@ -24,6 +24,8 @@ class ScorerMetrics:
     judge_tokens: Counter
     finalised: Counter
     finalisation_lag: Histogram
+    judge_retries: Counter
+    """Judge call attempts that failed and were retried, by kind (timeout, http, connect)."""
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> ScorerMetrics:
@@ -47,4 +49,7 @@ class ScorerMetrics:
             finalisation_lag=Histogram("reef_scorer_finalisation_lag_seconds", "From a turn's "
                                        "recording to its finalisation.",
                                        buckets=LAG_BUCKETS, registry=reg),
+            judge_retries=Counter("reef_scorer_judge_retries_total", "Judge call attempts "
+                                  "retried, by kind of failure (timeout, http, connect).",
+                                  ["kind"], registry=reg),
         )
