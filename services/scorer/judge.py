@@ -7,6 +7,12 @@ errors, 429 and 5xx) with short exponential backoff; a semaphore bounds the call
 flight per judge. A turn none of whose votes is valid gets ``score=None``: it is left
 unscored, never given a silent 0.
 
+HTTP goes through one shared aiohttp session per judge. Not httpx: its connection pool
+scans every connection on every event, so with tens of connections in flight it is
+CPU-bound; measured here against the fake judge at 200 ms latency, httpx made 52-77
+calls/s with 64-600 connections, aiohttp 284 calls/s with 64 (its ceiling, 64/0.2 s)
+and 1,400 with 600.
+
 Prompts and completions are never logged: only event names and error kinds.
 """
 
@@ -24,7 +30,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
-import httpx
+import aiohttp
 import orjson
 
 from services.scorer import prompts
@@ -167,21 +173,21 @@ class Judge:
         self._metrics = metrics
         self._url, self._headers, self._model = _endpoint(settings)
         self._semaphore = asyncio.Semaphore(max(1, settings.judge_concurrency))
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        """Open the HTTP client (connection pool sized to ``judge_concurrency``)."""
-        if self._client is None:
+        """Open the HTTP session (connection pool sized to ``judge_concurrency``)."""
+        if self._session is None:
             n = max(1, self._settings.judge_concurrency)
-            self._client = httpx.AsyncClient(
-                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
-                timeout=httpx.Timeout(self._settings.judge_timeout_seconds, pool=None))
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=n, limit_per_host=n, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(total=self._settings.judge_timeout_seconds))
 
     async def close(self) -> None:
-        """Close the HTTP client."""
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def __aenter__(self) -> Judge:
         await self.start()
@@ -265,23 +271,25 @@ class Judge:
 
     async def _attempt(self, body: bytes) -> dict[str, Any]:
         """One HTTP request under the concurrency limit and the total timeout."""
-        if self._client is None:
+        if self._session is None:
             raise RuntimeError("Judge.start() was not called")
         try:
-            async with self._semaphore, asyncio.timeout(self._settings.judge_timeout_seconds):
-                response = await self._client.post(self._url, content=body,
-                                                    headers=self._headers)
-        except (TimeoutError, httpx.TimeoutException):
+            async with (self._semaphore,
+                        asyncio.timeout(self._settings.judge_timeout_seconds),
+                        self._session.post(self._url, data=body,
+                                           headers=self._headers) as response):
+                status = response.status
+                content = await response.read()
+        except TimeoutError:  # aiohttp's own timeouts are TimeoutErrors too
             raise JudgeCallError("timeout", retryable=True) from None
-        except httpx.TransportError:
+        except aiohttp.ClientError:
             raise JudgeCallError("connect", retryable=True) from None
-        status = response.status_code
         if status == 429 or status >= 500:
             raise JudgeCallError("http", retryable=True, status=status)
         if status >= 300:
             raise JudgeCallError("http", retryable=False, status=status)
         try:
-            data = orjson.loads(response.content)
+            data = orjson.loads(content)
         except orjson.JSONDecodeError:
             raise JudgeCallError("unparseable", retryable=False, status=status) from None
         if not isinstance(data, dict):
