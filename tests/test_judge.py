@@ -85,7 +85,7 @@ async def test_votes_run_in_parallel(fake: FakeJudge) -> None:
     verdict = await run_judge(settings_for(fake, prm_m=3))
     elapsed = time.perf_counter() - started
     assert len(verdict.votes) == 3 and fake.calls == 3
-    assert elapsed < 0.6, elapsed
+    assert elapsed < 0.75, elapsed  # sequential would take 0.9 s
     assert fake.max_in_flight == 3
 
 
