@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     judge_timeout_seconds: float = 30.0
     """Per judge call; a vote that times out is retried, then counted as failed."""
     judge_retries: int = 2
-    judge_concurrency: int = 64
+    judge_concurrency: int = 256
     """Judge calls in flight at once, per scorer process."""
     judge_max_tokens: int = 300
     judge_temperature: float = 0.6

@@ -121,9 +121,12 @@ class Scorer:
         implicit = implicit_reward(turn, fin.follow_up) if s.use_implicit else None
         verdict = await self._judge(turn, fin.follow_up)
         explicit = await self._explicit(turn)
+        judge_score = None if verdict is None else verdict.score
+        implicit_score = None if implicit is None else implicit.score
+        if implicit is not None and not implicit.signals and judge_score is not None:
+            implicit_score = None  # "replied, nothing in it" should not dilute a verdict
         combined = combine(
-            judge=None if verdict is None else verdict.score, judge_required=s.use_prm,
-            implicit=None if implicit is None else implicit.score,
+            judge=judge_score, judge_required=s.use_prm, implicit=implicit_score,
             implicit_signals={} if implicit is None else implicit.signals,
             explicit=None if explicit is None else explicit[0],
             weights=s.reward_weights, explicit_overrides=s.explicit_overrides)
