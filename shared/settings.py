@@ -195,15 +195,36 @@ class Settings(BaseSettings):
 
     # --- trainer ------------------------------------------------------------------------
     mode: Literal["rl", "opd", "skills_only", "auto"] = "auto"
+    """``rl``: policy gradient on rewards; ``opd``: on-policy distillation from
+    ``teacher_model``; ``skills_only``: no weight updates; ``auto``: ``opd`` when
+    ``use_opd`` and a teacher is set, else ``rl``."""
     backend: Literal["local", "tinker"] = "local"
     tinker_api_key: SecretStr | None = Field(None, validation_alias=_alias("tinker_api_key"))
+    tinker_base_url: str = ""
+    """Tinker service URL; empty uses the SDK's default."""
+    adapter_name: str = "reef"
+    """The served name of the trained adapter; versions are ``<adapter_name>-v<n>``."""
     lora_rank: int = 32
+    lora_alpha: int = 32
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     learning_rate: float = 1e-4
     batch_size: int = 16
+    """Trainable samples per training step."""
     max_steps: int = 1000
-    loss_fn: Literal["importance_sampling", "ppo", "cispo"] = "importance_sampling"
+    loss_fn: Literal["importance_sampling", "ppo", "cispo", "cross_entropy"] = (
+        "importance_sampling")
+    ppo_clip: float = 0.2
+    """Clip range of the ratio for ``ppo`` and ``cispo``."""
+    max_staleness: int = 2
+    """Samples produced by a policy more than this many versions old are dropped."""
+    checkpoint_every: int = 1
+    """Save trainer state (weights and optimizer) every this many steps."""
+    trainer_device: str = "cpu"
     use_opd: bool = False
     teacher_model: str = ""
+    teacher_base_url: str = ""
+    """OpenAI-compatible completions endpoint of the teacher (``echo`` + ``logprobs``)."""
     kl_penalty_coef: float = 1.0
 
     @field_validator("api_keys")

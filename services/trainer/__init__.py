@@ -1,0 +1,1 @@
+"""The trainer: LoRA RL and on-policy distillation from the ``scored`` stream."""
