@@ -67,3 +67,12 @@ class Keys:
         """Hash of explicit feedback on a session: ``turn:<response id>``, ``index:<n>`` or
         ``session`` -> feedback JSON."""
         return f"{self.namespace}:feedback:{tenant}:{session_id}"
+
+    def trainer(self, adapter: str, part: str) -> str:
+        """A trainer's state: ``buffer`` (hash turn id -> sample), ``state`` (hash: step,
+        in-flight batch)."""
+        return f"{self.namespace}:trainer:{adapter}:{part}"
+
+    def trained(self, adapter: str, turn_id: str) -> str:
+        """Marker that a turn was trained into an adapter (so it never is again)."""
+        return f"{self.namespace}:trainer:{adapter}:trained:{turn_id}"

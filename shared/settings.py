@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     when it is back. Default: ``<data_dir>/spool/turns.jsonl``."""
     recorder_batch_size: int = 256
     """Turns sent to Redis in one pipeline by the gateway's background recorder."""
+    adapter_unload_grace_seconds: float = 60.0
+    """After a hot swap, the previous adapter is unloaded this much later (requests that
+    started on it finish first)."""
     served_model_names: list[str] = Field(default_factory=list)
     """Names listed by ``GET /v1/models``; empty means ask the upstream."""
 
@@ -203,6 +206,9 @@ class Settings(BaseSettings):
     tinker_base_url: str = ""
     """Tinker service URL; empty uses the SDK's default."""
     adapter_name: str = "reef"
+    train_tenant: str = ""
+    """Train only this tenant's turns (one trainer per tenant adapter); empty: every
+    tenant's turns into one adapter."""
     """The served name of the trained adapter; versions are ``<adapter_name>-v<n>``."""
     lora_rank: int = 32
     lora_alpha: int = 32

@@ -40,6 +40,9 @@ class FakeUpstream:
         self.port = port
         self.requests: list[dict[str, Any]] = []
         self.disconnects = 0
+        self.adapters: dict[str, str] = {}
+        """Loaded LoRA adapters, name -> path (vLLM's dynamic LoRA endpoints)."""
+        self.adapter_calls: list[tuple[str, str]] = []
         self.app = self._build()
         self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port,
                                                      log_level="warning", access_log=False))
@@ -74,7 +77,28 @@ class FakeUpstream:
         async def chat(request: Request) -> Response:
             body = orjson.loads(await request.body())
             self.requests.append(body)
-            return await self._answer(body)
+            response = await self._answer(body)
+            if body.get("model") in self.adapters:
+                response.headers["x-reef-policy-version"] = body["model"]
+            return response
+
+        @app.post("/v1/load_lora_adapter")
+        async def load(request: Request) -> Response:
+            body = orjson.loads(await request.body())
+            self.adapter_calls.append(("load", body["lora_name"]))
+            if body["lora_name"] in self.adapters:
+                return Response(b"The lora adapter is already loaded.", status_code=400)
+            if "missing" in body["lora_path"]:
+                return Response(b"No adapter found.", status_code=400)
+            self.adapters[body["lora_name"]] = body["lora_path"]
+            return Response(b"Success: LoRA adapter added successfully.")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload(request: Request) -> Response:
+            body = orjson.loads(await request.body())
+            self.adapter_calls.append(("unload", body["lora_name"]))
+            self.adapters.pop(body["lora_name"], None)
+            return Response(b"Success: LoRA adapter removed successfully.")
 
         return app
 

@@ -58,10 +58,10 @@ def turns(redis_server: RedisServer, namespace: str = "gwtest") -> list[TurnV1]:
 
 
 def wait_turn(redis_server: RedisServer, session_id: str, count: int = 1,
-              timeout: float = 5.0) -> list[TurnV1]:
+              timeout: float = 5.0, namespace: str = "gwtest") -> list[TurnV1]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = [t for t in turns(redis_server) if t.session_id == session_id]
+        found = [t for t in turns(redis_server, namespace) if t.session_id == session_id]
         if len(found) >= count:
             return found
         time.sleep(0.02)

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from services.gateway.adapters import AdapterRouter
 from services.gateway.auth import Authenticator
 from services.gateway.chat import ChatHandler
 from services.gateway.endpoint import ASGIApp, ChatEndpoint, dispatch
@@ -39,6 +40,7 @@ class Gateway:
     redis: aioredis.Redis
     upstream: Upstream
     recorder: Recorder
+    router: AdapterRouter
     chat: ChatHandler
 
 
@@ -50,8 +52,9 @@ def build_gateway(settings: Settings, metrics: GatewayMetrics | None = None) -> 
     recorder = Recorder(redis, Keys(settings.namespace), settings.resolved_spool_path(),
                         metrics, settings.stream_maxlen, settings.dedupe_ttl_seconds,
                         settings.recorder_batch_size)
+    router = AdapterRouter(settings, redis, upstream, metrics)
     return Gateway(settings, metrics, Authenticator(settings), redis, upstream, recorder,
-                   ChatHandler(settings, upstream, recorder, metrics))
+                   router, ChatHandler(settings, upstream, recorder, metrics, router))
 
 
 def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> ASGIApp:
@@ -62,9 +65,11 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> ASG
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await gw.upstream.start()
         gw.recorder.start()
+        gw.router.start()
         try:
             yield
         finally:
+            await gw.router.close()
             await gw.recorder.close()
             await gw.upstream.close()
             await gw.redis.aclose()

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from services.gateway.adapters import AdapterRouter
 from services.gateway.assemble import Answer, StreamAssembler, from_response, strip_unasked
 from services.gateway.errors import APIError, error_body, upstream_error
 from services.gateway.metrics import GatewayMetrics
@@ -40,8 +41,9 @@ class ChatHandler:
     """Forwards chat requests upstream and hands finished turns to the recorder."""
 
     def __init__(self, settings: Settings, upstream: Upstream, recorder: Recorder,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, router: AdapterRouter) -> None:
         self._settings = settings
+        self._router = router
         self._upstream = upstream
         self._recorder = recorder
         self._metrics = metrics
@@ -69,6 +71,10 @@ class ChatHandler:
     async def __call__(self, chat: ChatRequest, tenant: str, started: float,
                        raw: bytes) -> Reply:
         """Forward ``chat``; ``raw`` is the client's body, sent as is when unchanged."""
+        adapter = self._router.route(tenant, chat.body["model"])
+        if adapter is not None:
+            chat.body["model"] = adapter
+            chat.changed = True
         strips = self._ask_for_training_data(chat)
         payload = orjson.dumps(chat.body) if chat.changed or any(strips) else raw
         resp = await self._upstream.request("POST", "/chat/completions", payload)

@@ -24,6 +24,8 @@ class GatewayMetrics:
     turns_lost: Counter
     recorder_queue: Gauge
     spool_bytes: Gauge
+    adapter_swaps: Counter
+    live_version: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> GatewayMetrics:
@@ -53,4 +55,10 @@ class GatewayMetrics:
                                  "Turns waiting in memory for the recorder.", registry=reg),
             spool_bytes=Gauge("reef_gateway_spool_bytes", "Size of the local spool file.",
                               registry=reg),
+            adapter_swaps=Counter("reef_gateway_adapter_swaps_total",
+                                  "New adapters by outcome (ok, load_failed, bad_event).",
+                                  ["outcome"], registry=reg),
+            live_version=Gauge("reef_gateway_live_adapter_version",
+                               "Version of the adapter new requests are routed to.",
+                               registry=reg),
         )

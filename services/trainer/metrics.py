@@ -1,0 +1,52 @@
+"""The trainer's Prometheus metrics (prefix ``reef_trainer_``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+STEP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+@dataclass(frozen=True)
+class TrainerMetrics:
+    registry: CollectorRegistry
+    steps: Counter
+    loss: Gauge
+    reward_mean: Gauge
+    advantage_abs_mean: Gauge
+    kl: Gauge
+    samples: Counter
+    """Samples by fate: buffered, trained, and dropped reasons (stale, no_tokens ...)."""
+    step_seconds: Histogram
+    batch_to_publish_seconds: Histogram
+    live_version: Gauge
+    buffer: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> TrainerMetrics:
+        reg = registry or CollectorRegistry()
+        return cls(
+            registry=reg,
+            steps=Counter("reef_trainer_steps_total", "Optimisation steps committed.",
+                          registry=reg),
+            loss=Gauge("reef_trainer_loss", "Summed loss of the last step.", registry=reg),
+            reward_mean=Gauge("reef_trainer_reward_mean", "Mean reward of the last batch.",
+                              registry=reg),
+            advantage_abs_mean=Gauge("reef_trainer_advantage_abs_mean",
+                                     "Mean |advantage| of the last batch.", registry=reg),
+            kl=Gauge("reef_trainer_kl", "Mean per-token KL to the teacher (opd).",
+                     registry=reg),
+            samples=Counter("reef_trainer_samples_total", "Samples by fate.", ["fate"],
+                            registry=reg),
+            step_seconds=Histogram("reef_trainer_step_seconds", "forward_backward + "
+                                   "optim_step + save.", buckets=STEP_BUCKETS, registry=reg),
+            batch_to_publish_seconds=Histogram(
+                "reef_trainer_batch_to_publish_seconds",
+                "From a full batch to its weights event.", buckets=STEP_BUCKETS, registry=reg),
+            live_version=Gauge("reef_trainer_version", "Latest published adapter version.",
+                               registry=reg),
+            buffer=Gauge("reef_trainer_buffer_samples", "Samples waiting for a step.",
+                         registry=reg),
+        )

@@ -1,0 +1,70 @@
+"""Hot swap through the gateway: weights events -> adapter loaded upstream -> routed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+import redis
+
+from shared.keys import WEIGHTS, Keys
+from shared.messages import WeightsEventV1
+from tests.conftest import RedisServer, free_port
+from tests.fake_upstream import FakeUpstream
+from tests.gateway_proc import API_KEY, GatewayProcess
+from tests.test_gateway import wait_turn
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    server = FakeUpstream(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def publish(client: redis.Redis, namespace: str, version: int, path: str = "/ckpt") -> None:
+    event = WeightsEventV1(tenant="*", adapter=f"reef-v{version}", version=version,
+                           path=f"{path}/v{version}", step=version)
+    client.xadd(Keys(namespace).stream(WEIGHTS), event.to_fields())  # type: ignore[arg-type]
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_new_weights_are_loaded_then_routed_and_the_old_ones_unloaded(
+        redis_server: RedisServer, upstream: FakeUpstream, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    client = redis_server.client()
+    publish(client, "swap", 1)  # live before the gateway starts: loaded at start-up
+    gw = GatewayProcess(redis_server.url, upstream.base_url, "swap", tmp_path,
+                        env={"REEF_ADAPTER_UNLOAD_GRACE_SECONDS": "0.3",
+                             "REEF_ADAPTER_NAME": "reef"})
+    gw.start()
+    try:
+        chat = openai.OpenAI(base_url=gw.url + "/v1", api_key=API_KEY, max_retries=0)
+        wait_for(lambda: "reef-v1" in upstream.adapters)
+
+        def ask(model: str, session: str) -> str:
+            chat.chat.completions.create(model=model, extra_headers={"X-Session-Id": session},
+                                         messages=[{"role": "user", "content": "hi"}])
+            return str(upstream.requests[-1]["model"])
+
+        wait_for(lambda: ask("reef", "warm") == "reef-v1")
+        assert ask("fake-text", "other-model") == "fake-text"  # other models untouched
+        (turn,) = wait_turn(redis_server, "warm", namespace="swap")
+        assert turn.policy_version == "reef-v1" and turn.request_model == "reef"
+
+        publish(client, "swap", 2, path="/missing")  # the upstream refuses it: v1 stays
+        publish(client, "swap", 3)
+        wait_for(lambda: ask("reef", "after") == "reef-v3")
+        assert ("load", "reef-v2") in upstream.adapter_calls
+        wait_for(lambda: ("unload", "reef-v1") in upstream.adapter_calls)
+        assert gw.metric("reef_gateway_live_adapter_version") == 3
+    finally:
+        gw.stop()
