@@ -419,3 +419,59 @@ def test_close_finishes_the_session(cloud: Cloud,
     backend.start()
     backend.close()
     assert cloud.calls[-1] == ("close", {"status": "success"})
+
+
+def test_a_future_that_never_resolves_times_out_clearly(
+        cloud: Cloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(profile="dev", backend="tinker", model_name=MODEL, data_dir=tmp_path)
+    backend = TinkerBackend(settings, rest_client_factory=lambda s: FakeRestClient(cloud),
+                            service_client_factory=lambda s: FakeServiceClient(cloud),
+                            result_timeout_seconds=0.05)
+    backend.start()
+    monkeypatch.setattr(FakeTrainingClient, "optim_step",
+                        lambda self, optim_params=None, *, adam_params=None:
+                        AwaitableConcurrentFuture(Future()))
+    with pytest.raises(TinkerBackendError, match=r"optim_step gave no result in 0\.05 s"):
+        backend.optim_step(1e-4)
+    assert backend.step == 0
+
+
+# --- the real SDK clients: built only in start(), with Reef's settings ------------------------
+
+def test_the_sdk_clients_are_built_in_start_with_the_configured_key_and_url(
+        cloud: Cloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[tuple[str, dict[str, Any]]] = []
+
+    def rest(**kwargs: Any) -> FakeRestClient:
+        built.append(("RestClient", kwargs))
+        return FakeRestClient(cloud)
+
+    def service(**kwargs: Any) -> FakeServiceClient:
+        built.append(("ServiceClient", kwargs))
+        return FakeServiceClient(cloud)
+
+    # Constructing tinker.RestClient against an unreachable service blocks for minutes:
+    # the backend must not build one before start() (which the trainer runs in a thread).
+    monkeypatch.setattr(tinker, "RestClient", rest)
+    monkeypatch.setattr(tinker, "ServiceClient", service)
+    settings = Settings(profile="dev", backend="tinker", model_name=MODEL, data_dir=tmp_path,
+                        tinker_api_key="tml-test-key", tinker_base_url="https://tinker.test")
+    backend = TinkerBackend(settings)
+    assert built == []
+    backend.start()
+    assert built == [
+        ("RestClient", {"base_url": "https://tinker.test", "api_key": "tml-test-key"}),
+        ("ServiceClient", {"base_url": "https://tinker.test", "api_key": "tml-test-key",
+                           "user_metadata": {"adapter": "reef"}})]
+
+
+def test_without_a_configured_key_the_sdk_reads_its_own(
+        cloud: Cloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(tinker, "RestClient",
+                        lambda **kw: seen.append(kw) or FakeRestClient(cloud))
+    monkeypatch.setattr(tinker, "ServiceClient", lambda **kw: FakeServiceClient(cloud))
+    monkeypatch.delenv("TINKER_API_KEY", raising=False)
+    monkeypatch.delenv("REEF_TINKER_API_KEY", raising=False)
+    TinkerBackend(Settings(profile="dev", model_name=MODEL, data_dir=tmp_path)).start()
+    assert seen == [{"base_url": None, "api_key": None}]  # TINKER_API_KEY, then stored creds
