@@ -40,9 +40,17 @@ class PolicyServer:
 
 @pytest.fixture(scope="session")
 def policy_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the converted model is cached: shared by every test of the run."""
+    """Where the converted model is cached: shared by every test of the run.
+
+    A fixed folder of the run's temp dir (not ``mktemp``), so that modules importing
+    this fixture (and so holding their own instance of it) share one conversion.
+    """
     named = os.environ.get("REEF_TEST_DATA_DIR")
-    return Path(named) if named else tmp_path_factory.mktemp("policy-data")
+    if named:
+        return Path(named)
+    folder = tmp_path_factory.getbasetemp() / "policy-data"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 POLICY_VERSION_HEADER = "x-reef-policy-version"
-"""Response header naming the weights that answered (``base``, later an adapter version)."""
+"""Response header naming the weights that answered: ``base`` or the LoRA adapter's name."""
 BASE_VERSION = "base"
 """Policy version of the base model with no adapter."""

@@ -2,8 +2,13 @@
 
 The model loads in the background after the server starts: ``/healthz`` answers at
 once, ``/readyz`` and the chat route answer 503 until the weights are in memory.
-One model is served: a request's ``model`` field is accepted whatever it says (the
-gateway may map names), and every answer names the served model.
+
+LoRA adapters are loaded and unloaded at run time through vLLM's dynamic LoRA routes
+(``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``), so the gateway drives
+this server and a real vLLM the same way. A chat request whose ``model`` is exactly a
+loaded adapter's name is answered with that adapter; any other ``model`` (the base
+model's name, an unknown or unloaded name: the gateway may map names) gets the base
+model. The ``x-reef-policy-version`` header and the answer's ``model`` say which.
 """
 
 from __future__ import annotations
@@ -17,28 +22,36 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.policy import BASE_VERSION, POLICY_VERSION_HEADER, chat, model
 from services.policy.engine import Engine
-from services.policy.schemas import ChatCompletionRequest, error_body
+from services.policy.lora import AdapterError, AdapterNotFoundError, AdapterRegistry
+from services.policy.schemas import (
+    ChatCompletionRequest,
+    LoadLoraAdapterRequest,
+    UnloadLoraAdapterRequest,
+    error_body,
+)
 from services.policy.text import TokenTexts
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
+_VERSION_HEADER = POLICY_VERSION_HEADER.encode()
+
 
 class PolicyState:
-    """What the routes share: settings, the loaded model and engine, the policy version."""
+    """What the routes share: settings, the loaded model, engine and adapters."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.model_name = model.served_name(settings.model_name)
-        self.version = BASE_VERSION
         self.engine: Engine | None = None
         self.texts: TokenTexts | None = None
+        self.adapters: AdapterRegistry | None = None
         self.load_error: str | None = None
 
     async def load(self) -> None:
@@ -52,15 +65,17 @@ class PolicyState:
             log.exception("policy.model_load_failed")
             return
         self.texts = TokenTexts(loaded.tokenizer)
-        self.engine = Engine(loaded.model, loaded.tokenizer, threads=s.policy_threads)
+        engine = Engine(loaded.model, loaded.tokenizer, threads=s.policy_threads)
+        self.adapters = AdapterRegistry(loaded.model, engine.active, self.model_name)
+        self.engine = engine
 
 
 class VersionHeader:
-    """Adds ``x-reef-policy-version`` to every response (plain ASGI: streams untouched)."""
+    """Adds ``x-reef-policy-version: base`` to every response that did not set its own
+    (plain ASGI: streams untouched)."""
 
-    def __init__(self, app: ASGIApp, state: PolicyState) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,15 +85,17 @@ class VersionHeader:
         async def send_with_header(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers.append((POLICY_VERSION_HEADER.encode(), self.state.version.encode()))
-                message = {**message, "headers": headers}
+                if all(name != _VERSION_HEADER for name, _ in headers):
+                    headers.append((_VERSION_HEADER, BASE_VERSION.encode()))
+                    message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, receive, send_with_header)
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
 def _error(status: int, message: str, type_: str, param: str | None = None,
@@ -121,7 +138,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.policy = state
     _install_error_handlers(app)
     _add_routes(app, state)
-    app.add_middleware(VersionHeader, state=state)
+    app.add_middleware(VersionHeader)
     return app
 
 
@@ -132,25 +149,73 @@ def _add_routes(app: FastAPI, state: PolicyState) -> None:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        if state.engine is None:
+        if state.engine is None or state.adapters is None:
             return _json({"status": "failed" if state.load_error else "loading",
                           "error": state.load_error}, 503)
-        return _json({"status": "ready", "model": state.model_name, "version": state.version})
+        return _json({"status": "ready", "model": state.model_name,
+                      "adapters": [a.name for a in state.adapters]})
 
     @app.get("/v1/models")
     async def models() -> Response:
-        card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "reef"}
-        return _json({"object": "list", "data": [card]})
+        cards = [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "reef",
+                  "root": state.model_name, "parent": None}]
+        for adapter in state.adapters or ():
+            cards.append({"id": adapter.name, "object": "model", "created": adapter.created,
+                          "owned_by": "reef", "root": adapter.path,
+                          "parent": state.model_name})
+        return _json({"object": "list", "data": cards})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        engine, texts = state.engine, state.texts
-        if engine is None or texts is None:
-            return _error(503, state.load_error or "the model is still loading",
-                          "service_unavailable", code="model_not_ready")
-        job = chat.prepare(req, engine, state.model_name, state.settings.policy_max_new_tokens)
+        engine, texts, adapters = state.engine, state.texts, state.adapters
+        if engine is None or texts is None or adapters is None:
+            return _not_ready(state)
+        adapter = adapters.select(req.model)
+        job = chat.prepare(req, engine, state.model_name, state.settings.policy_max_new_tokens,
+                           adapter)
+        headers = {POLICY_VERSION_HEADER: adapter.name if adapter else BASE_VERSION}
         if req.stream:
             return StreamingResponse(chat.stream(job, engine, texts),
                                      media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache"})
-        return _json(await chat.complete(job, engine, texts, request))
+                                     headers={"cache-control": "no-cache", **headers})
+        return _json(await chat.complete(job, engine, texts, request), headers=headers)
+
+    _add_lora_routes(app, state)
+
+
+def _not_ready(state: PolicyState) -> Response:
+    return _error(503, state.load_error or "the model is still loading",
+                  "service_unavailable", code="model_not_ready")
+
+
+def _add_lora_routes(app: FastAPI, state: PolicyState) -> None:
+    """vLLM's dynamic LoRA routes; success is a plain-text sentence, as vLLM answers."""
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(req: LoadLoraAdapterRequest) -> Response:
+        if state.adapters is None:
+            return _not_ready(state)
+        if not req.lora_name or not req.lora_path:
+            return _error(400, "Both 'lora_name' and 'lora_path' must be provided.",
+                          "invalid_request_error", code="lora_invalid")
+        try:
+            await state.adapters.load(req.lora_name, req.lora_path, replace=req.load_inplace)
+        except AdapterError as exc:
+            log.info("policy.lora_load_refused name=%s code=%s", req.lora_name, exc.code)
+            return _error(400, str(exc), "invalid_request_error", exc.param, exc.code)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(req: UnloadLoraAdapterRequest) -> Response:
+        if state.adapters is None:
+            return _not_ready(state)
+        if not req.lora_name:
+            return _error(400, "'lora_name' must be provided.", "invalid_request_error",
+                          "lora_name", "lora_invalid")
+        try:
+            state.adapters.unload(req.lora_name)
+        except AdapterNotFoundError:
+            return _error(404, f"The lora adapter '{req.lora_name}' cannot be found.",
+                          "not_found_error", "lora_name", "lora_not_found")
+        return PlainTextResponse(
+            f"Success: LoRA adapter '{req.lora_name}' removed successfully.")

@@ -14,6 +14,7 @@ from jinja2 import TemplateError
 from starlette.requests import Request
 
 from services.policy.engine import Delta, Engine, SamplingParams
+from services.policy.lora import Adapter, holding
 from services.policy.schemas import (
     ChatCompletionRequest,
     ChoiceBuilder,
@@ -49,10 +50,13 @@ class Job:
     params: SamplingParams
     n: int
     model_name: str
+    """The ``model`` of the answer: the adapter's name, or the base model's."""
+    adapter: Adapter | None = None
+    """The LoRA adapter chosen when the request arrived (None: the base model)."""
 
 
 def prepare(req: ChatCompletionRequest, engine: Engine, model_name: str,
-            max_new_tokens_cap: int) -> Job:
+            max_new_tokens_cap: int, adapter: Adapter | None = None) -> Job:
     """Validate ``req`` and turn it into a job; raises ``BadRequestError``."""
     n = req.n or 1
     if n > MAX_CHOICES:
@@ -74,7 +78,7 @@ def prepare(req: ChatCompletionRequest, engine: Engine, model_name: str,
         stop=req.stop_strings(),
         top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
     )
-    return Job(req, prompt_ids, params, n, model_name)
+    return Job(req, prompt_ids, params, n, adapter.name if adapter else model_name, adapter)
 
 
 def _prompt_ids(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:
@@ -104,8 +108,10 @@ async def complete(job: Job, engine: Engine, texts: TokenTexts,
     watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
     builders = [ChoiceBuilder(i) for i in range(job.n)]
     try:
-        async for delta in engine.stream(job.prompt_ids, job.params, job.n, cancel):
-            builders[delta.index].add(delta)
+        with holding(job.adapter):
+            async for delta in engine.stream(job.prompt_ids, job.params, job.n, cancel,
+                                             job.adapter):
+                builders[delta.index].add(delta)
     finally:
         watcher.cancel()
     req = job.request
@@ -170,8 +176,10 @@ async def stream(job: Job, engine: Engine, texts: TokenTexts) -> AsyncIterator[b
     writer = ChunkWriter(job, texts)
     cancel = threading.Event()
     try:
-        async for delta in engine.stream(job.prompt_ids, job.params, job.n, cancel):
-            yield writer.delta(delta)
+        with holding(job.adapter):
+            async for delta in engine.stream(job.prompt_ids, job.params, job.n, cancel,
+                                             job.adapter):
+                yield writer.delta(delta)
     except RuntimeError:  # what torch raises; the status line is already sent
         log.exception("policy.generation_failed")
         yield _sse(error_body("generation failed", type_="server_error"))

@@ -10,7 +10,9 @@ nucleus). With ``temperature == 0`` (greedy) they are ``log_softmax(logits)``. T
 value is what a trainer needs as the behaviour policy's logprob for importance sampling.
 
 The model is used by one thread at a time: the engine owns a single-worker executor,
-so requests queue in arrival order and never block the event loop.
+so requests queue in arrival order and never block the event loop. That thread also
+points ``active.current`` at the request's LoRA adapter (see ``lora.py``) for the whole
+of its generation, so switching adapters happens only between generations.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from services.policy.lora import ActiveAdapter, Adapter
 from services.policy.text import StopTracker
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,8 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self._threads = threads
+        self.active = ActiveAdapter()
+        """The adapter of the running generation; ``LoraLinear`` layers read it."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-gen",
                                             initializer=self._init_thread)
 
@@ -94,10 +99,13 @@ class Engine:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, n: int,
-                     cancel: threading.Event) -> AsyncIterator[Delta]:
+                     cancel: threading.Event, adapter: Adapter | None = None
+                     ) -> AsyncIterator[Delta]:
         """Deltas of ``n`` answers to one prompt, as they are sampled (choice by choice).
 
-        Setting ``cancel`` (or closing this iterator) stops sampling after the current step.
+        ``adapter`` (None: the base model) is applied to every choice, whatever is loaded
+        or unloaded meanwhile. Setting ``cancel`` (or closing this iterator) stops sampling
+        after the current step.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -106,6 +114,7 @@ class Engine:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def work() -> None:
+            self.active.current = adapter
             try:
                 for index in range(n):
                     if cancel.is_set():
@@ -113,6 +122,7 @@ class Engine:
                     seed = None if params.seed is None else params.seed + index
                     self._generate(prompt_ids, params, index, seed, cancel, emit)
             finally:
+                self.active.current = None
                 emit(_DONE)
 
         future = loop.run_in_executor(self._executor, work)

@@ -132,3 +132,23 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
                code: str | None = None) -> dict[str, Any]:
     """An error in OpenAI's shape."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """``POST /v1/load_lora_adapter``, as vLLM takes it (extra fields accepted)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    lora_name: str = ""
+    lora_path: str = ""
+    load_inplace: bool = False
+    """Replace an adapter already loaded under ``lora_name`` (else that is a 400)."""
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """``POST /v1/unload_lora_adapter``, as vLLM takes it (``lora_int_id`` is ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    lora_name: str = ""
+    lora_int_id: int | None = None
