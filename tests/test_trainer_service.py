@@ -1,0 +1,142 @@
+"""The trainer service on a real (tiny) model: scored turns in, steps and weights out,
+each turn trained at most once, also across a SIGKILL mid-step."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from services.trainer.local import LocalBackend
+from services.trainer.metrics import TrainerMetrics
+from services.trainer.service import Trainer
+from shared.keys import SCORED, WEIGHTS, Keys
+from shared.messages import ScoredV1, TokenLogprobs, TurnV1, WeightsEventV1, decode
+from shared.settings import Settings
+from tests.conftest import RedisServer, free_port
+from tests.service_proc import ServiceProcess
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def scored_turn(i: int, reward: float, version: str = "base") -> ScoredV1:
+    prompt = [1, 5 + i % 3, 9, 11]  # three prompt groups
+    completion = [20 + (i * 7) % 30, 21 + i % 5, 2]
+    turn = TurnV1(id=f"{1000 + i:06d}-turn", tenant="t", session_id=f"s{i}", turn_index=0,
+                  request_model="m", upstream_model="m", policy_version=version,
+                  messages=[{"role": "user", "content": "x"}],
+                  response_message={"role": "assistant", "content": "y"},
+                  sampled=TokenLogprobs(token_ids=completion, logprobs=[-3.0, -2.5, -1.0],
+                                        prompt_token_ids=prompt))
+    return ScoredV1(id=turn.id, turn=turn, reward=reward, trainable=True)
+
+
+def settings_for(namespace: str, redis_url: str, model: Path, data_dir: Path,
+                 **extra: Any) -> Settings:
+    return Settings(profile="dev", namespace=namespace, redis_url=redis_url,
+                    model_name=str(model), data_dir=data_dir, batch_size=4, lora_rank=4,
+                    lora_alpha=8, learning_rate=1e-2, **extra)
+
+
+def weights_events(client: redis.Redis, namespace: str) -> list[WeightsEventV1]:
+    out = []
+    for _, fields in client.xrange(Keys(namespace).stream(WEIGHTS)):
+        msg = decode(fields)
+        assert isinstance(msg, WeightsEventV1)
+        out.append(msg)
+    return out
+
+
+async def test_steps_publish_weights_and_never_retrain_a_turn(
+        redis_server: RedisServer, namespace: str, tiny_model: Path, tmp_path: Path) -> None:
+    settings = settings_for(namespace, redis_server.url, tiny_model, tmp_path)
+    client = aioredis.from_url(redis_server.url)
+    backend = LocalBackend(settings, tiny_model, tmp_path / "state")
+    trainer = Trainer(settings, client, backend, TrainerMetrics.create())
+    batch = [scored_turn(i, 1.0 if i % 2 else -1.0) for i in range(8)]
+    for message in batch + batch[:3]:  # redeliveries change nothing
+        await trainer.on_scored(message, "0-0")
+    stopping = asyncio.Event()
+    task = asyncio.create_task(trainer.run(stopping))
+    deadline = time.monotonic() + 60
+    while trainer.version < 2:
+        assert time.monotonic() < deadline and not task.done()
+        await asyncio.sleep(0.05)
+    for message in batch:  # already trained: never buffered again
+        await trainer.on_scored(message, "0-0")
+    await asyncio.sleep(0.6)
+    stopping.set()
+    await task
+    events = weights_events(redis_server.client(), namespace)
+    assert [e.version for e in events] == [1, 2] and events[1].adapter == "reef-v2"
+    assert (Path(events[1].path) / "adapter_config.json").is_file()
+    assert events[0].metrics["datums"] == 4 and "loss" in events[0].metrics
+    assert await client.hlen(Keys(namespace).trainer("reef", "buffer")) == 0
+    assert trainer.version == 2
+    await client.aclose()
+
+
+async def test_stale_samples_are_dropped(redis_server: RedisServer, namespace: str,
+                                         tiny_model: Path, tmp_path: Path) -> None:
+    settings = settings_for(namespace, redis_server.url, tiny_model, tmp_path, max_staleness=1)
+    client = aioredis.from_url(redis_server.url)
+    trainer = Trainer(settings, client, LocalBackend(settings, tiny_model, tmp_path / "st"),
+                      TrainerMetrics.create())
+    trainer.version = 5
+    for i in range(4):
+        await trainer.on_scored(scored_turn(i, float(i), version="reef-v3"), "0-0")
+    assert await trainer._next_batch() is None  # all four are 2 versions behind
+    assert await client.hlen(Keys(namespace).trainer("reef", "buffer")) == 0
+    await client.aclose()
+
+
+def test_sigkill_mid_step_resumes_and_trains_each_turn_once(
+        redis_server: RedisServer, namespace: str, tiny_model: Path, tmp_path: Path) -> None:
+    client = redis_server.client()
+    keys = Keys(namespace)
+    for i in range(16):
+        client.xadd(keys.stream(SCORED), scored_turn(i, [1.0, -1.0, 0.5, 0.0][i % 4])
+                    .to_fields())  # type: ignore[arg-type]
+    port = free_port()
+    env = {"REEF_PROFILE": "dev", "REEF_NAMESPACE": namespace, "REEF_REDIS_URL": redis_server.url,
+           "REEF_MODEL_NAME": str(tiny_model), "REEF_BATCH_SIZE": "4", "REEF_LORA_RANK": "4",
+           "REEF_METRICS_PORT": str(port), "REEF_WORKER_BLOCK_MS": "200",
+           "REEF_MAX_STALENESS": "10"}
+    proc = ServiceProcess("services.trainer", env, tmp_path, port, "/metrics")
+    proc.start(timeout=60)
+    state = keys.trainer("reef", "state")
+    deadline = time.monotonic() + 60
+    while not client.hexists(state, "inflight"):  # kill it with a step in flight
+        assert time.monotonic() < deadline, "no step started"
+        time.sleep(0.005)
+    proc.kill()
+    proc.start(timeout=60)
+    try:
+        deadline = time.monotonic() + 90
+        while len(weights_events(client, namespace)) < 4:
+            assert time.monotonic() < deadline, "training did not finish after the restart"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        events = weights_events(client, namespace)
+        assert [e.version for e in events] == [1, 2, 3, 4]  # no step lost, none repeated
+        assert client.hlen(keys.trainer("reef", "buffer")) == 0
+        trained = client.keys(keys.trained("reef", "*"))
+        assert len(trained) == 16
+    finally:
+        proc.stop()
