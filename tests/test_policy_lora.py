@@ -30,16 +30,20 @@ _FIXTURES = (policy_data_dir, server)
 """test_policy's server fixture, used here too (pytest finds fixtures by module name)."""
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+OTHER_TARGETS = ["q_proj", "up_proj", "down_proj"]
+"""Adapter B's layers. B is loaded only in the hot-swap test, so loading it mid-stream
+also wraps MLP layers of the served model while a generation runs on A."""
 LOGPROB_TOLERANCE = 2e-3
 
 
-def make_adapter(base: Any, folder: Path, seed: int, sigma: float = 0.1) -> Path:
+def make_adapter(base: Any, folder: Path, seed: int, sigma: float = 0.1,
+                 targets: list[str] = TARGETS) -> Path:
     """Save a PEFT LoRA adapter of ``base`` whose B weights are random (fixed ``seed``), so
     that it changes the answers; ``base`` is left as it was."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -81,7 +85,8 @@ def adapters(server: PolicyServer, tmp_path_factory: pytest.TempPathFactory) -> 
     base = AutoModelForCausalLM.from_pretrained(server.data_dir / "models" / MODEL,
                                                 dtype=torch.float32).eval()
     folder = tmp_path_factory.mktemp("adapters")
-    return Adapters(base, make_adapter(base, folder / "a", 1), make_adapter(base, folder / "b", 2))
+    return Adapters(base, make_adapter(base, folder / "a", 1),
+                    make_adapter(base, folder / "b", 2, targets=OTHER_TARGETS))
 
 
 def load(srv: PolicyServer, name: str, path: Path | str, **extra: Any) -> httpx.Response:
@@ -142,10 +147,10 @@ def test_load_and_unload_errors_follow_vllm(server: PolicyServer, adapters: Adap
     assert_openai_error(load(server, "x", tiny_adapter), 400, "lora_mismatch")
 
     assert load(server, "dup", adapters.a).status_code == 200
-    duplicate = load(server, "dup", adapters.b)
+    duplicate = load(server, "dup", adapters.a)
     assert_openai_error(duplicate, 400, "lora_already_loaded")
     assert "has already been loaded" in duplicate.json()["error"]["message"]
-    assert load(server, "dup", adapters.b, load_inplace=True).status_code == 200
+    assert load(server, "dup", adapters.a, load_inplace=True).status_code == 200
     removed = unload(server, "dup")
     assert removed.text == "Success: LoRA adapter 'dup' removed successfully."
     assert_openai_error(unload(server, "dup"), 404, "lora_not_found")
@@ -153,7 +158,7 @@ def test_load_and_unload_errors_follow_vllm(server: PolicyServer, adapters: Adap
 
 def test_unloaded_name_is_served_by_the_base_model(server: PolicyServer,
                                                     adapters: Adapters) -> None:
-    assert load(server, "gone", adapters.b).status_code == 200
+    assert load(server, "gone", adapters.a).status_code == 200
     assert unload(server, "gone").status_code == 200
     ids = [c["id"] for c in httpx.get(server.url + "/v1/models").json()["data"]]
     assert "gone" not in ids

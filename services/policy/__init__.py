@@ -1,7 +1,9 @@
 """Reef's embedded policy server: an OpenAI-compatible chat endpoint over a local model.
 
 Run it with ``python -m services.policy``. It answers ``POST /v1/chat/completions``
-(streamed or not) with the sampled token ids and their logprobs, which the trainer needs.
+(streamed or not) with the sampled token ids and their logprobs, which the trainer needs,
+and serves LoRA adapters loaded at run time through vLLM's ``/v1/load_lora_adapter`` and
+``/v1/unload_lora_adapter`` (see ``app.py`` and ``lora.py``).
 
 Installing (what ``make install`` runs)::
 
