@@ -1,4 +1,6 @@
-"""Gateway benchmark: direct vs thin forwarder vs Reef's gateway vs LiteLLM, one run.
+"""Reef's benchmarks, one run: the gateway part and the scorer part (``bench.scorer``).
+
+Gateway: direct vs thin forwarder vs Reef's gateway vs LiteLLM.
 
 Every system forwards to the same zero-latency fake upstream and all run at once, each in
 its own process; wrk drives one at a time, cell by cell (1 connection for added latency,
@@ -6,8 +8,12 @@ N connections for throughput, N streaming), so the systems of one cell are measu
 back. The table ends with ratios measured side by side and the acceptance targets (printed
 as PASS/FAIL; the exit status does not depend on them).
 
-Run: ``.venv/bin/python -m bench [--seconds 10] [--systems direct,thin,gateway,litellm]``.
-Logs and ``results.json`` go to ``var/bench/run-<time>/``. Traffic stays on 127.0.0.1.
+Scorer: turns/s per scorer process, implicit-only and with a 200 ms judge, 1 and 2
+processes (see ``bench/scorer.py``).
+
+Run: ``.venv/bin/python -m bench [--part all|gateway|scorer] [--seconds 10]
+[--systems direct,thin,gateway,litellm]``. Logs and ``results.json`` go to
+``var/bench/run-<time>/``. Traffic stays on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
-from bench import report, systems
+from bench import report, scorer, systems
 from bench.loadgen import API_KEY, LoadGenError, WrkResult, ensure_wrk, run_wrk
 from bench.procs import Child, CpuPlan, StartError, own_cpu_seconds, system_busy_seconds
 from bench.report import Results, Row
@@ -34,10 +40,13 @@ REQUEST = {"model": "bench-model", "max_tokens": 32, "temperature": 0.7, "messag
     {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
     {"role": "user", "content": "Say hello to the benchmark in one short sentence."}]}
 TURNS_STREAM = "reef:stream:turns"
+PARTS = ("all", "gateway", "scorer")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=PARTS, default="all",
+                        help="which benchmark to run (default: both)")
     parser.add_argument("--seconds", type=float, default=10.0, help="per measured row")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured, before each row")
     parser.add_argument("--connections", type=int, default=8)
@@ -50,6 +59,7 @@ def parse_args() -> argparse.Namespace:
                         help="pin the proxy to one CPU and the load side to the others "
                              "(default: all share the CPUs; pinning loses when other work "
                              "runs on the machine)")
+    scorer.add_arguments(parser)
     args = parser.parse_args()
     unknown = set(args.systems.split(",")) - set(SYSTEMS)
     if unknown:
@@ -217,6 +227,13 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     log_dir = systems.ROOT / "var" / "bench" / time.strftime("run-%Y%m%d-%H%M%S")
     log_dir.mkdir(parents=True, exist_ok=True)
+    if args.part in ("all", "gateway"):
+        run_gateway(args, log_dir)
+    if args.part in ("all", "scorer"):
+        scorer.run(args, log_dir / "scorer")
+
+
+def run_gateway(args: argparse.Namespace, log_dir: Path) -> None:
     bench = Bench(args, ensure_wrk(), log_dir)
     print(f"reef gateway benchmark: {args.seconds:g} s per row (+{args.warmup:g} s warm-up), "
           f"{args.rounds} round(s), {args.connections} connections; {bench.plan.describe()}; "

@@ -106,27 +106,27 @@ def print_ratios(results: Results, connections: int) -> None:
         return (a.p50_us - b.p50_us) / 1000 if a and b else None
 
     print("\nratios (same run, same machine)")
-    _line(f"gateway req/s @{c} conns", rps(gw), "{:,.0f}", ">=", MIN_GATEWAY_RPS)
-    _line("added p50 gateway-direct @1 conn (ms)", added(gw1, direct1), "{:.2f}", "<=",
+    line(f"gateway req/s @{c} conns", rps(gw), "{:,.0f}", ">=", MIN_GATEWAY_RPS)
+    line("added p50 gateway-direct @1 conn (ms)", added(gw1, direct1), "{:.2f}", "<=",
           MAX_ADDED_P50_MS)
-    _line(f"added p50 gateway-direct @{c} conns (ms)", added(gw, direct), "{:.2f}", "<=",
+    line(f"added p50 gateway-direct @{c} conns (ms)", added(gw, direct), "{:.2f}", "<=",
           MAX_ADDED_P50_MS)
-    _line(f"gateway / litellm req/s @{c}", ratio(gw, litellm), "{:.1f}x", ">=", MIN_VS_LITELLM)
-    _line(f"gateway / thin req/s @{c}", ratio(gw, thin), "{:.2f}", ">=", MIN_VS_THIN)
-    _line(f"gateway / direct req/s @{c}", ratio(gw, direct), "{:.3f}")
-    _line(f"thin / litellm req/s @{c}", ratio(thin, litellm), "{:.1f}x")
-    _line(f"stream: gateway / thin req/s @{c}", ratio(gws, thins), "{:.2f}")
-    _line(f"stream: gateway / litellm req/s @{c}", ratio(gws, litellms), "{:.1f}x")
+    line(f"gateway / litellm req/s @{c}", ratio(gw, litellm), "{:.1f}x", ">=", MIN_VS_LITELLM)
+    line(f"gateway / thin req/s @{c}", ratio(gw, thin), "{:.2f}", ">=", MIN_VS_THIN)
+    line(f"gateway / direct req/s @{c}", ratio(gw, direct), "{:.3f}")
+    line(f"thin / litellm req/s @{c}", ratio(thin, litellm), "{:.1f}x")
+    line(f"stream: gateway / thin req/s @{c}", ratio(gws, thins), "{:.2f}")
+    line(f"stream: gateway / litellm req/s @{c}", ratio(gws, litellms), "{:.1f}x")
     print("  capacity per CPU (from cpu ms/req; robust to other load on the machine):")
-    _line(f"gateway / thin @{c}", results.cpu_ratio("gateway", "thin", "json", c), "{:.2f}",
+    line(f"gateway / thin @{c}", results.cpu_ratio("gateway", "thin", "json", c), "{:.2f}",
           ">=", MIN_VS_THIN)
-    _line(f"gateway / litellm @{c}", results.cpu_ratio("gateway", "litellm", "json", c),
+    line(f"gateway / litellm @{c}", results.cpu_ratio("gateway", "litellm", "json", c),
           "{:.1f}x", ">=", MIN_VS_LITELLM)
-    _line(f"stream: gateway / thin @{c}", results.cpu_ratio("gateway", "thin", "stream", c),
+    line(f"stream: gateway / thin @{c}", results.cpu_ratio("gateway", "thin", "stream", c),
           "{:.2f}")
     gw_cpu = results.row("gateway", "json", c)
     if gw_cpu and gw_cpu.cpu_ms_per_request:
-        _line("gateway req/s per CPU (1000 / cpu ms/req)", 1000 / gw_cpu.cpu_ms_per_request,
+        line("gateway req/s per CPU (1000 / cpu ms/req)", 1000 / gw_cpu.cpu_ms_per_request,
               "{:,.0f}")
 
 
@@ -136,7 +136,7 @@ _COMPARE: dict[str, Callable[[float, float], bool]] = {
 }
 
 
-def _line(label: str, value: float | None, fmt: str, op: str = "",
+def line(label: str, value: float | None, fmt: str, op: str = "",
           goal: float | None = None) -> None:
     shown = fmt.format(value) if value is not None else "n/a"
     if not op or goal is None:
