@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
@@ -115,6 +115,14 @@ async def publish(
     return _text(entry_id)
 
 
+def _succeeded(batch: list[tuple[Entry, Message]],
+               tasks: Sequence[asyncio.Future[bool]]) -> list[tuple[Entry, Message | None]]:
+    """The entries whose handling finished and asked for an ack."""
+    return [(entry, message) for (entry, message), task in zip(batch, tasks, strict=True)
+            if task.done() and not task.cancelled() and task.exception() is None
+            and task.result()]
+
+
 class StreamWorker:
     """Consumes one stream as one consumer of one group; see the module docstring."""
 
@@ -128,9 +136,12 @@ class StreamWorker:
         handler: Handler,
         settings: Settings,
         registry: CollectorRegistry | None = None,
+        dedupe: bool = True,
     ) -> None:
         """``stream`` is the logical name (``turns``); ``consumer`` None means
-        ``hostname-pid``; ``registry`` None means prometheus-client's default one."""
+        ``hostname-pid``; ``registry`` None means prometheus-client's default one.
+        ``dedupe`` False skips the "handled" markers (an EXISTS per entry and a SET per
+        ack) for handlers that are idempotent by themselves."""
         if redis.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("StreamWorker needs a Redis client with decode_responses=False")
         self.redis, self.keys, self.settings = redis, keys, settings
@@ -138,6 +149,7 @@ class StreamWorker:
         self.consumer = consumer or default_consumer_name()
         self.stream_key, self.dead_key = keys.stream(stream), keys.dead(stream)
         self.metrics = worker_metrics(registry)
+        self.dedupe = dedupe
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.worker_concurrency)
         self._settling: set[asyncio.Future[Any]] = set()
@@ -284,11 +296,20 @@ class StreamWorker:
         ``worker_concurrency``), so entries of a batch finish in no particular order."""
         decoded = [(entry, await self._decode(entry)) for entry in entries]
         fresh = await self._drop_duplicates([(e, m) for e, m in decoded if m is not None])
-        results = await asyncio.gather(*(self._handle_and_settle(e, m) for e, m in fresh),
-                                       return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        tasks = [asyncio.ensure_future(self._handle_and_settle(e, m)) for e, m in fresh]
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            # Forced stop: what finished is still acked (by a task that run() awaits).
+            self._start_settling(partial(self._ack_many, _succeeded(fresh, tasks),
+                                         OUTCOME_PROCESSED))
+            raise
+        for task in tasks:
+            if task.exception() is not None:
+                raise cast(BaseException, task.exception())
+        # One round trip acks the whole batch (an ack each cost ~0.14 ms of CPU).
+        await self._settle(partial(self._ack_many, _succeeded(fresh, tasks),
+                                   OUTCOME_PROCESSED))
 
     async def _decode(self, entry: Entry) -> Message | None:
         """The entry's message, or None once the entry was settled without one."""
@@ -314,24 +335,34 @@ class StreamWorker:
         (one EXISTS per entry, pipelined) or that repeat a message id of this batch."""
         if not batch:
             return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for _, message in batch:
-                pipe.exists(self.done_key(message))
-            done = await pipe.execute()
+        if self.dedupe:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for _, message in batch:
+                    pipe.exists(self.done_key(message))
+                done = await pipe.execute()
+        else:
+            done = [0] * len(batch)
         fresh: list[tuple[Entry, Message]] = []
+        duplicates: list[tuple[Entry, Message | None]] = []
         seen: set[str] = set()
         for (entry, message), was_done in zip(batch, done, strict=True):
             if was_done or message.id in seen:
-                await self._settle(partial(self._ack, entry, None, OUTCOME_DUPLICATE))
+                duplicates.append((entry, None))
             else:
                 seen.add(message.id)
                 fresh.append((entry, message))
+        if duplicates:
+            await self._settle(partial(self._ack_many, duplicates, OUTCOME_DUPLICATE))
         return fresh
 
-    async def _handle_and_settle(self, entry: Entry, message: Message) -> None:
+    async def _handle_and_settle(self, entry: Entry, message: Message) -> bool:
+        """Handle; True when the entry is to be acked with its batch."""
         async with self._slots:
             error = await self._handle(entry, message)
-        await self._settle_handled(entry, message, error)
+        if error is None:
+            return True
+        await self._settle_failed(entry, message, error)
+        return False
 
     async def _handle(self, entry: Entry, message: Message) -> Exception | None:
         """Run the handler; returns what it raised, if anything."""
@@ -346,11 +377,7 @@ class StreamWorker:
             time.perf_counter() - started)
         return error
 
-    async def _settle_handled(self, entry: Entry, message: Message,
-                              error: Exception | None) -> None:
-        if error is None:
-            await self._settle(lambda: self._ack(entry, message, OUTCOME_PROCESSED))
-            return
+    async def _settle_failed(self, entry: Entry, message: Message, error: Exception) -> None:
         if isinstance(error, Reject):
             await self._settle(lambda: self._dead_letter(entry, f"rejected: {error}"))
             return
@@ -368,10 +395,14 @@ class StreamWorker:
 
     async def _settle(self, op: Callable[[], Awaitable[T]]) -> T | None:
         """Run an ack-like operation to completion even if the caller is cancelled."""
+        return await asyncio.shield(self._start_settling(op))
+
+    def _start_settling(self, op: Callable[[], Awaitable[T]]) -> asyncio.Future[T | None]:
+        """Start an ack-like operation that ``run`` waits for before it returns."""
         task = asyncio.ensure_future(self._retry(op))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
-        return await asyncio.shield(task)
+        return task
 
     async def _retry(self, op: Callable[[], Awaitable[T]]) -> T | None:
         for attempt in range(SETTLE_ATTEMPTS):
@@ -387,12 +418,20 @@ class StreamWorker:
         return None
 
     async def _ack(self, entry: Entry, message: Message | None, outcome: str) -> None:
+        await self._ack_many([(entry, message)], outcome)
+
+    async def _ack_many(self, done: list[tuple[Entry, Message | None]], outcome: str) -> None:
+        """Ack entries (and mark their messages handled) in one transaction."""
+        if not done:
+            return
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream_key, self.group, entry.id)
-            if message is not None:
-                self.mark_done(pipe, message)
+            pipe.xack(self.stream_key, self.group, *(entry.id for entry, _ in done))
+            if self.dedupe:
+                for _, message in done:
+                    if message is not None:
+                        self.mark_done(pipe, message)
             await pipe.execute()
-        self._count(outcome)
+        self.metrics.entries.labels(self.stream, self.group, outcome).inc(len(done))
 
     async def _dead_letter(self, entry: Entry, reason: str) -> None:
         """Move the entry to the dead-letter stream and ack it, atomically, once."""
@@ -444,6 +483,8 @@ class Consumer:
     stream: str
     group: str
     handler: Handler
+    dedupe: bool = True
+    """False when the handler is idempotent by itself (see ``StreamWorker``)."""
 
 
 async def run_worker(
@@ -480,7 +521,7 @@ async def run_workers(
     redis = client if client is not None else connect(settings)
     keys = Keys(settings.namespace)
     workers = [StreamWorker(redis, keys, c.stream, c.group, consumer, c.handler, settings,
-                            registry) for c in consumers]
+                            registry, dedupe=c.dedupe) for c in consumers]
     stopping = asyncio.Event()
     server = serve_metrics(settings, registry)
     tasks = [asyncio.create_task(w.run()) for w in workers]

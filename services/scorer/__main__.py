@@ -22,8 +22,10 @@ async def serve(settings: Settings) -> None:
     try:
         await run_workers(
             settings,
-            [Consumer(TURNS, GROUP_SCORER, scorer.on_turn),
-             Consumer(FINALISED, GROUP_JUDGE, scorer.on_finalised)],
+            # Both handlers are idempotent by themselves (their Lua steps check markers
+            # of their own), so the worker's "handled" markers would only cost time.
+            [Consumer(TURNS, GROUP_SCORER, scorer.on_turn, dedupe=False),
+             Consumer(FINALISED, GROUP_JUDGE, scorer.on_finalised, dedupe=False)],
             registry=metrics.registry, client=client, background=[scorer.sweep])
     finally:
         await scorer.close()
