@@ -191,11 +191,37 @@ class Settings(BaseSettings):
 
     # --- skills -------------------------------------------------------------------------
     use_skills: bool = False
+    """Inject the most relevant active skills into each main turn's system prompt."""
     retrieval_mode: Literal["embedding", "bm25"] = "embedding"
+    """``embedding`` (all-MiniLM-L6-v2, the ``skills`` extra) falls back to ``bm25`` when
+    the extra is not installed."""
     skill_top_k: int = 6
+    skill_min_similarity: float = 0.3
+    """Cosine similarity (embedding) below which a skill is not injected at all."""
+    skill_min_bm25: float = 1.0
+    """BM25 score below which a skill is not injected (lexical fallback)."""
+    skill_token_budget: int = 600
+    """Most tokens (estimated) the injected skills block may add to a prompt."""
     enable_skill_evolution: bool = False
+    """Run the skill-miner: propose skills from sessions whose turns went wrong."""
     max_new_skills: int = 3
     skill_update_threshold: float = 0.0
+    """A session with a turn whose reward is below this is mined for skills."""
+    skill_auto_promote: bool = False
+    """New skills go live at once; otherwise they wait as candidates for an admin."""
+    skill_merge_similarity: float = 0.85
+    """A proposal this similar to an existing skill becomes a new version of it."""
+    skill_retire_min_turns: int = 20
+    """Injections needed before a skill's credit can retire it."""
+    skill_retire_margin: float = 0.2
+    """Retire a skill whose mean reward with it is this far below comparable turns."""
+    miner_base_url: str = ""
+    """OpenAI-compatible endpoint of the skill-evolution LLM (or the Azure settings)."""
+    miner_api_key: SecretStr | None = None
+    miner_model: str = ""
+    miner_timeout_seconds: float = 60.0
+    miner_retries: int = 2
+    miner_concurrency: int = 4
 
     # --- trainer ------------------------------------------------------------------------
     mode: Literal["rl", "opd", "skills_only", "auto"] = "auto"
@@ -250,6 +276,7 @@ class Settings(BaseSettings):
             if key in _PLACEHOLDER_HASHES:
                 raise ConfigError("api_keys (REEF_API_KEYS) holds a placeholder key")
         for name in ("upstream_api_key", "admin_key", "redis_password", "prm_api_key",
+                     "miner_api_key",
                      "azure_openai_api_key", "tinker_api_key"):
             value = getattr(self, name)
             if value is not None and _is_placeholder(value.get_secret_value()):
