@@ -9,8 +9,10 @@ import openai
 import pytest
 import redis
 
+from services.stack.rollback import RollbackError, rollback
 from shared.keys import WEIGHTS, Keys
 from shared.messages import WeightsEventV1
+from shared.settings import Settings
 from tests.conftest import RedisServer, free_port
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_proc import API_KEY, GatewayProcess
@@ -66,5 +68,13 @@ def test_new_weights_are_loaded_then_routed_and_the_old_ones_unloaded(
         assert ("load", "reef-v2") in upstream.adapter_calls
         wait_for(lambda: ("unload", "reef-v1") in upstream.adapter_calls)
         assert gw.metric("reef_gateway_live_adapter_version") == 3
+
+        # An admin rolls back to v1: loaded again, routed again.
+        settings = Settings(profile="dev", namespace="swap", redis_url=redis_server.url)
+        with pytest.raises(RollbackError, match="known: \\[1, 2, 3\\]"):
+            rollback(client, settings, 7)
+        rollback(client, settings, 1)
+        wait_for(lambda: ask("reef", "rolled-back") == "reef-v1")
+        assert upstream.adapters["reef-v1"] == "/ckpt/v1"
     finally:
         gw.stop()

@@ -110,7 +110,9 @@ class AdapterRouter:
         if not isinstance(event, WeightsEventV1):
             return
         current = self.live.get(event.tenant)
-        if current is not None and current.version >= event.version:
+        # Events apply in stream order, so a rollback (an older version published again)
+        # takes effect like any new version.
+        if current is not None and current.id == event.id:
             return
         if not await self._load(event):
             return
@@ -119,7 +121,7 @@ class AdapterRouter:
         self._metrics.live_version.set(event.version)
         log.info("gateway.adapter_live", extra={"adapter": event.adapter,
                                                 "tenant": event.tenant})
-        if current is not None:
+        if current is not None and current.adapter != event.adapter:
             task = asyncio.create_task(self._unload_later(current.adapter))
             self._unloads.add(task)
             task.add_done_callback(self._unloads.discard)
@@ -144,6 +146,8 @@ class AdapterRouter:
 
     async def _unload_later(self, adapter: str) -> None:
         await asyncio.sleep(self._settings.adapter_unload_grace_seconds)
+        if any(event.adapter == adapter for event in self.live.values()):
+            return  # live again (a rollback to it): keep it
         try:
             resp = await self._upstream.request(
                 "POST", "/unload_lora_adapter", orjson.dumps({"lora_name": adapter}))
