@@ -290,8 +290,11 @@ def test_resume_restores_weights_optimizer_step_and_next_step_exactly(
     first = backend(base_dir, tmp_path / "b")
     train_steps(first, 2)
     saved = first.save("step-2")
+    rng_at_save = torch.get_rng_state()
+    torch.rand(10)  # the RNG moves on in the crashed process...
     resumed = LocalBackend(settings(), base_dir, tmp_path / "b")
     assert resumed.start() == saved
+    assert torch.equal(torch.get_rng_state(), rng_at_save)  # ...and is restored
     assert resumed.step == 2
     assert all(torch.equal(w, lora_weights(first)[n]) for n, w in lora_weights(resumed).items())
     opt_a, opt_b = first._require_optimizer(), resumed._require_optimizer()
@@ -397,7 +400,7 @@ def test_smollm2_lora_step_time(tmp_path: Path, capsys: pytest.CaptureFixture[st
         data.append(Datum.from_sample(tokens[:32], tokens[32:], [-2.0] * 48,
                                       float(torch.randn(1, generator=gen))))
     times = []
-    for _ in range(3):
+    for _ in range(2):  # the first step warms up
         started = time.perf_counter()
         b.forward_backward(data, "ppo")
         result = b.optim_step(5e-4)
@@ -409,4 +412,4 @@ def test_smollm2_lora_step_time(tmp_path: Path, capsys: pytest.CaptureFixture[st
     with capsys.disabled():
         print(f"\nSmolLM2 LoRA r=8, 16x80 tokens, ppo: steps {[f'{t:.2f}' for t in times]} s, "
               f"save {save_s:.2f} s, peak RSS {rss_gb:.2f} GB, threads {torch.get_num_threads()}")
-    assert result.step == 3 and result.metrics["tokens"] == 16 * 48
+    assert result.step == 2 and result.metrics["tokens"] == 16 * 48
