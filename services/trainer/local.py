@@ -395,11 +395,11 @@ class LocalBackend:
         with self._lock:
             model = self.model
             total = 0.0
-            for group in micro_batches(datums, self.micro_batch_tokens):
+            # A datum whose advantages are all 0 adds nothing: it never reaches the model.
+            active = [d for d in datums if any(d.advantages)]
+            for group in micro_batches(active, self.micro_batch_tokens):
                 batch = collate(group, self.device)
                 keep = batch.real & (batch.advantages != 0)
-                if not bool(keep.any()):
-                    continue  # nothing to learn here: skip the forward pass altogether
                 logprobs = target_logprobs(model, batch, keep)
                 old, advantages = batch.sampler_logprobs[keep], batch.advantages[keep]
                 loss = loss_of(logprobs, old, advantages, clip).sum()
