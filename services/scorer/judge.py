@@ -7,11 +7,8 @@ errors, 429 and 5xx) with short exponential backoff; a semaphore bounds the call
 flight per judge. A turn none of whose votes is valid gets ``score=None``: it is left
 unscored, never given a silent 0.
 
-HTTP goes through one shared aiohttp session per judge. Not httpx: its connection pool
-scans every connection on every event, so with tens of connections in flight it is
-CPU-bound; measured here against the fake judge at 200 ms latency, httpx made 52-77
-calls/s with 64-600 connections, aiohttp 284 calls/s with 64 (its ceiling, 64/0.2 s)
-and 1,400 with 600.
+HTTP goes through ``shared.llm_client`` (one aiohttp session per judge; see there why
+not httpx).
 
 Prompts and completions are never logged: only event names and error kinds.
 """
@@ -20,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import re
 import time
 from collections import Counter
@@ -28,22 +24,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
 
-import aiohttp
 import orjson
 
 from services.scorer import prompts
 from services.scorer.metrics import ScorerMetrics
+from shared.llm_client import Endpoint, LLMCallError, LLMClient, reply_text, usage_tokens
 from shared.messages import TurnV1
 from shared.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
-BACKOFF_BASE_SECONDS = 0.1
-"""First retry waits about this long; each further retry twice as long (with jitter)."""
-BACKOFF_MAX_SECONDS = 2.0
-"""No retry waits longer than this."""
 RATIONALE_CHARS = 400
 """A verdict's rationale is cut to this many characters."""
 HINT_CHARS = 1000
@@ -82,14 +73,8 @@ class _Vote:
     error: str | None
 
 
-class JudgeCallError(Exception):
-    """One judge call failed; ``kind`` is its metric label."""
-
-    def __init__(self, kind: str, *, retryable: bool, status: int | None = None) -> None:
-        super().__init__(kind if status is None else f"{kind} {status}")
-        self.kind = kind
-        self.retryable = retryable
-        self.status = status
+JudgeCallError = LLMCallError
+"""One judge call failed; ``kind`` is its metric label (kept under the judge's old name)."""
 
 
 # --- parsing --------------------------------------------------------------------------
@@ -171,23 +156,18 @@ class Judge:
     def __init__(self, settings: Settings, metrics: ScorerMetrics) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._url, self._headers, self._model = _endpoint(settings)
-        self._semaphore = asyncio.Semaphore(max(1, settings.judge_concurrency))
-        self._session: aiohttp.ClientSession | None = None
+        self._client = LLMClient(
+            _endpoint(settings), timeout=settings.judge_timeout_seconds,
+            retries=settings.judge_retries, concurrency=settings.judge_concurrency,
+            on_retry=lambda kind: metrics.judge_retries.labels(kind).inc())
 
     async def start(self) -> None:
         """Open the HTTP session (connection pool sized to ``judge_concurrency``)."""
-        if self._session is None:
-            n = max(1, self._settings.judge_concurrency)
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=n, limit_per_host=n, keepalive_timeout=30),
-                timeout=aiohttp.ClientTimeout(total=self._settings.judge_timeout_seconds))
+        await self._client.start()
 
     async def close(self) -> None:
         """Close the HTTP session."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._client.close()
 
     async def __aenter__(self) -> Judge:
         await self.start()
@@ -234,7 +214,7 @@ class Judge:
         finally:
             self._metrics.judge_seconds.observe(time.perf_counter() - started)
         prompt_tokens, completion_tokens = self._count_usage(data)
-        parsed = parse_verdict(_reply_text(data))
+        parsed = parse_verdict(reply_text(data))
         if parsed is None:
             self._metrics.judge_errors.labels("unparseable").inc()
             log.warning("judge.vote_unparseable")
@@ -252,96 +232,39 @@ class Judge:
             log.warning("judge.hint_failed", extra={"kind": exc.kind, "status": exc.status})
             return None, 0, 0
         prompt_tokens, completion_tokens = self._count_usage(data)
-        text = " ".join(_THINK.sub("", _reply_text(data) or "").split())
+        text = " ".join(_THINK.sub("", reply_text(data) or "").split())
         return text[:HINT_CHARS] or None, prompt_tokens, completion_tokens
 
     async def _call(self, body: bytes) -> dict[str, Any]:
         """One chat completion, retried on timeouts, connection errors, 429 and 5xx."""
-        attempts = 1 + max(0, self._settings.judge_retries)
-        for attempt in range(attempts):
-            try:
-                return await self._attempt(body)
-            except JudgeCallError as exc:
-                if not exc.retryable or attempt == attempts - 1:
-                    raise
-                self._metrics.judge_retries.labels(exc.kind).inc()
-                delay = min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2 ** attempt)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-        raise AssertionError("unreachable: the last attempt returns or raises")
-
-    async def _attempt(self, body: bytes) -> dict[str, Any]:
-        """One HTTP request under the concurrency limit and the total timeout."""
-        if self._session is None:
-            raise RuntimeError("Judge.start() was not called")
-        try:
-            async with (self._semaphore,
-                        asyncio.timeout(self._settings.judge_timeout_seconds),
-                        self._session.post(self._url, data=body,
-                                           headers=self._headers) as response):
-                status = response.status
-                content = await response.read()
-        except TimeoutError:  # aiohttp's own timeouts are TimeoutErrors too
-            raise JudgeCallError("timeout", retryable=True) from None
-        except aiohttp.ClientError:
-            raise JudgeCallError("connect", retryable=True) from None
-        if status == 429 or status >= 500:
-            raise JudgeCallError("http", retryable=True, status=status)
-        if status >= 300:
-            raise JudgeCallError("http", retryable=False, status=status)
-        try:
-            data = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            raise JudgeCallError("unparseable", retryable=False, status=status) from None
-        if not isinstance(data, dict):
-            raise JudgeCallError("unparseable", retryable=False, status=status)
-        return data
+        return await self._client.post(body)
 
     def _body(self, messages: list[dict[str, str]]) -> bytes:
-        return orjson.dumps({"model": self._model, "messages": messages,
+        return orjson.dumps({"model": self._client.endpoint.model, "messages": messages,
                              "max_tokens": self._settings.judge_max_tokens,
                              "temperature": self._settings.judge_temperature})
 
     def _count_usage(self, data: dict[str, Any]) -> tuple[int, int]:
         """The call's tokens from its ``usage`` field, added to the metrics."""
-        usage = data.get("usage")
-        if not isinstance(usage, dict):
-            return 0, 0
-        prompt_tokens = _int(usage.get("prompt_tokens"))
-        completion_tokens = _int(usage.get("completion_tokens"))
+        prompt_tokens, completion_tokens = usage_tokens(data)
         self._metrics.judge_tokens.labels("prompt").inc(prompt_tokens)
         self._metrics.judge_tokens.labels("completion").inc(completion_tokens)
         return prompt_tokens, completion_tokens
 
 
-def _endpoint(settings: Settings) -> tuple[str, dict[str, str], str]:
-    """The URL, headers and model name of the judge's endpoint (Azure when configured)."""
-    headers = {"Content-Type": "application/json"}
+def _endpoint(settings: Settings) -> Endpoint:
+    """The judge's endpoint (Azure when configured)."""
     if settings.azure_openai_deployment and settings.azure_openai_endpoint:
         key = settings.azure_openai_api_key or settings.prm_api_key
-        if key is not None:
-            headers["api-key"] = key.get_secret_value()
-        url = (f"{settings.azure_openai_endpoint.rstrip('/')}/openai/deployments/"
-               f"{quote(settings.azure_openai_deployment, safe='')}/chat/completions"
-               f"?api-version={quote(settings.azure_openai_api_version, safe='')}")
-        return url, headers, settings.prm_model or settings.azure_openai_deployment
+        return Endpoint.azure(settings.azure_openai_endpoint, settings.azure_openai_deployment,
+                              settings.azure_openai_api_version,
+                              None if key is None else key.get_secret_value(),
+                              model=settings.prm_model)
     if not settings.prm_base_url:
         raise ConfigError("the judge needs prm_base_url (REEF_PRM_BASE_URL), or "
                           "azure_openai_endpoint and azure_openai_deployment")
     if not settings.prm_model:
         raise ConfigError("prm_model (REEF_PRM_MODEL) is empty: name the judge's model")
-    if settings.prm_api_key is not None:
-        headers["Authorization"] = f"Bearer {settings.prm_api_key.get_secret_value()}"
-    return f"{settings.prm_base_url.rstrip('/')}/chat/completions", headers, settings.prm_model
-
-
-def _reply_text(data: dict[str, Any]) -> str | None:
-    """The first choice's message content, if it is text."""
-    try:
-        content = data["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError):
-        return None
-    return content if isinstance(content, str) else None
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    key = settings.prm_api_key
+    return Endpoint.openai(settings.prm_base_url, settings.prm_model,
+                           None if key is None else key.get_secret_value())
