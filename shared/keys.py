@@ -76,3 +76,27 @@ class Keys:
     def trained(self, adapter: str, turn_id: str) -> str:
         """Marker that a turn was trained into an adapter (so it never is again)."""
         return f"{self.namespace}:trainer:{adapter}:trained:{turn_id}"
+
+    # Skills: the tenant sits before a skill id (which never holds ':'), or last, so a
+    # tenant name with ':' in it cannot make one tenant's key another's.
+
+    def skill(self, tenant: str, skill_id: str) -> str:
+        """A skill of a tenant (JSON, without its credit counters)."""
+        return f"{self.namespace}:skills:skill:{tenant}:{skill_id}"
+
+    def skill_credit(self, tenant: str, skill_id: str) -> str:
+        """Hash of a skill's credit counters (``with_count``, ``with_reward_sum``,
+        ``without_count``, ``without_reward_sum``), incremented atomically."""
+        return f"{self.namespace}:skills:credit:{tenant}:{skill_id}"
+
+    def skill_names(self, tenant: str) -> str:
+        """Hash of a tenant's skills: name -> skill id (names are unique per tenant)."""
+        return f"{self.namespace}:skills:names:{tenant}"
+
+    def skill_tenants(self) -> str:
+        """Set of tenants that have (or had) skills."""
+        return f"{self.namespace}:skills:tenants"
+
+    def skill_status_counts(self) -> str:
+        """Hash: status -> number of skills with it, over all tenants (for the metric)."""
+        return f"{self.namespace}:skills:counts"

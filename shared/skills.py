@@ -26,6 +26,18 @@ class SkillVersion(BaseModel):
     changed_at: float
     reason: str
     """Why it changed: created, merged (a near-duplicate proposal), edited, imported ..."""
+    category: str = "general"
+
+
+class StatusChange(BaseModel):
+    """One change of a skill's status: who approved or retired it, and why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    status: SkillStatus
+    changed_at: float
+    reason: str
+    """Why: approved by an admin, promoted automatically, retired with its credit evidence ..."""
 
 
 class Provenance(BaseModel):
@@ -78,3 +90,10 @@ class Skill(BaseModel):
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
     retired_reason: str | None = None
+    reason: str = "created"
+    """Why the current version was made (``history`` holds the earlier versions, each with
+    its own reason)."""
+    changed_at: float = Field(default_factory=time.time)
+    """When the current version was made (``updated_at`` also moves on status changes)."""
+    status_history: list[StatusChange] = Field(default_factory=list)
+    """Every status change after creation, oldest first."""
