@@ -15,7 +15,7 @@ import uuid
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 _PROCESS_TAG = uuid.uuid4().hex[:12]
 _SEQUENCE = itertools.count()
@@ -43,6 +43,20 @@ class Message(BaseModel):
     kind: str
     id: str = Field(default_factory=new_id)
     created_at: float = Field(default_factory=time.time)
+    _raw: bytes | None = PrivateAttr(default=None)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when of the same type with the same fields (``_raw`` is a cache)."""
+        if not isinstance(other, Message):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def json_bytes(self) -> bytes:
+        """The message as JSON: the bytes it was decoded from when there are any (no
+        re-serialisation on a hot path), else a fresh dump."""
+        return self._raw if self._raw is not None else self.model_dump_json().encode()
 
     def to_fields(self) -> dict[str, bytes]:
         """The stream entry for this message."""
@@ -176,7 +190,9 @@ def decode(fields: dict[bytes, bytes]) -> Message:
     if model is None:
         raise BadMessage(f"unknown message kind {kind!r}")
     try:
-        return model.model_validate_json(data)
+        message = model.model_validate_json(data)
     except ValidationError as exc:
         raise BadMessage(f"invalid {kind}: {exc.error_count()} error(s): "
                          f"{exc.errors()[0]['loc']} {exc.errors()[0]['msg']}") from None
+    message._raw = data
+    return message

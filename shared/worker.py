@@ -58,6 +58,9 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message, str], Awaitable[None]]
+BatchHandler = Callable[[list[tuple[Message, str]]], Awaitable[list[Exception | None]]]
+"""Handles a whole batch (e.g. with one pipelined round trip); returns, per entry, None
+or the exception that entry failed with (settled like a per-entry handler's)."""
 """``await handler(message, entry_id)``; returning means its effects are durable."""
 T = TypeVar("T")
 
@@ -133,15 +136,17 @@ class StreamWorker:
         stream: str,
         group: str,
         consumer: str | None,
-        handler: Handler,
+        handler: Handler | None,
         settings: Settings,
         registry: CollectorRegistry | None = None,
         dedupe: bool = True,
+        batch_handler: BatchHandler | None = None,
     ) -> None:
         """``stream`` is the logical name (``turns``); ``consumer`` None means
         ``hostname-pid``; ``registry`` None means prometheus-client's default one.
         ``dedupe`` False skips the "handled" markers (an EXISTS per entry and a SET per
-        ack) for handlers that are idempotent by themselves."""
+        ack) for handlers that are idempotent by themselves. ``batch_handler``, when
+        given, is called instead of ``handler`` with every fresh entry of a batch."""
         if redis.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("StreamWorker needs a Redis client with decode_responses=False")
         self.redis, self.keys, self.settings = redis, keys, settings
@@ -150,6 +155,9 @@ class StreamWorker:
         self.stream_key, self.dead_key = keys.stream(stream), keys.dead(stream)
         self.metrics = worker_metrics(registry)
         self.dedupe = dedupe
+        self.batch_handler = batch_handler
+        if (handler is None) == (batch_handler is None):
+            raise ValueError("give exactly one of handler and batch_handler")
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.worker_concurrency)
         self._settling: set[asyncio.Future[Any]] = set()
@@ -296,6 +304,9 @@ class StreamWorker:
         ``worker_concurrency``), so entries of a batch finish in no particular order."""
         decoded = [(entry, await self._decode(entry)) for entry in entries]
         fresh = await self._drop_duplicates([(e, m) for e, m in decoded if m is not None])
+        if self.batch_handler is not None and fresh:
+            await self._handle_batch(fresh, self.batch_handler)
+            return
         tasks = [asyncio.ensure_future(self._handle_and_settle(e, m)) for e, m in fresh]
         try:
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -355,6 +366,21 @@ class StreamWorker:
             await self._settle(partial(self._ack_many, duplicates, OUTCOME_DUPLICATE))
         return fresh
 
+    async def _handle_batch(self, fresh: list[tuple[Entry, Message]],
+                            batch_handler: BatchHandler) -> None:
+        started = time.perf_counter()
+        errors = await batch_handler([(message, entry.id) for entry, message in fresh])
+        share = (time.perf_counter() - started) / len(fresh)
+        done: list[tuple[Entry, Message | None]] = []
+        for (entry, message), error in zip(fresh, errors, strict=True):
+            outcome = OUTCOME_PROCESSED if error is None else OUTCOME_FAILED
+            self.metrics.handler_duration.labels(self.stream, self.group, outcome).observe(share)
+            if error is None:
+                done.append((entry, message))
+            else:
+                await self._settle_failed(entry, message, error)
+        await self._settle(partial(self._ack_many, done, OUTCOME_PROCESSED))
+
     async def _handle_and_settle(self, entry: Entry, message: Message) -> bool:
         """Handle; True when the entry is to be acked with its batch."""
         async with self._slots:
@@ -369,7 +395,7 @@ class StreamWorker:
         started = time.perf_counter()
         error: Exception | None = None
         try:
-            await self.handler(message, entry.id)
+            await cast(Handler, self.handler)(message, entry.id)
         except Exception as exc:  # noqa: BLE001 - any handler error is settled below
             error = exc
         outcome = OUTCOME_PROCESSED if error is None else OUTCOME_FAILED
@@ -482,9 +508,10 @@ class Consumer:
 
     stream: str
     group: str
-    handler: Handler
+    handler: Handler | None = None
     dedupe: bool = True
     """False when the handler is idempotent by itself (see ``StreamWorker``)."""
+    batch_handler: BatchHandler | None = None
 
 
 async def run_worker(
@@ -521,7 +548,8 @@ async def run_workers(
     redis = client if client is not None else connect(settings)
     keys = Keys(settings.namespace)
     workers = [StreamWorker(redis, keys, c.stream, c.group, consumer, c.handler, settings,
-                            registry, dedupe=c.dedupe) for c in consumers]
+                            registry, dedupe=c.dedupe, batch_handler=c.batch_handler)
+               for c in consumers]
     stopping = asyncio.Event()
     server = serve_metrics(settings, registry)
     tasks = [asyncio.create_task(w.run()) for w in workers]

@@ -24,8 +24,9 @@ async def serve(settings: Settings) -> None:
             settings,
             # Both handlers are idempotent by themselves (their Lua steps check markers
             # of their own), so the worker's "handled" markers would only cost time.
-            [Consumer(TURNS, GROUP_SCORER, scorer.on_turn, dedupe=False),
-             Consumer(FINALISED, GROUP_JUDGE, scorer.on_finalised, dedupe=False)],
+            [Consumer(TURNS, GROUP_SCORER, dedupe=False, batch_handler=scorer.on_turns),
+             Consumer(FINALISED, GROUP_JUDGE, dedupe=False,
+                      batch_handler=scorer.on_finalised)],
             registry=metrics.registry, client=client, background=[scorer.sweep])
     finally:
         await scorer.close()

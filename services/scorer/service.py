@@ -71,14 +71,13 @@ class Scorer:
 
     # --- stage 1: turns -> finalised ------------------------------------------------------
 
-    async def on_turn(self, message: Message, _entry_id: str) -> None:
-        """Store a turn in its session; finalise what its arrival completes."""
-        if not isinstance(message, TurnV1):
-            raise Reject(f"expected turn.v1, got {message.kind}")
-        if not _SAFE_ID.match(message.id) or message.turn_index < 0:
-            raise Reject("turn id or index unusable")
-        turn_json = message.model_dump_json().encode()
-        await self.sessions.arrive(message, turn_json)
+    async def on_turns(self, batch: list[tuple[Message, str]]) -> list[Exception | None]:
+        """Store a batch of turns in their sessions (one round trip); each finalises what
+        its arrival completes."""
+        errors: list[Exception | None] = [_check_turn(message) for message, _ in batch]
+        usable = [cast(TurnV1, m) for (m, _), e in zip(batch, errors, strict=True) if e is None]
+        results = iter(await self.sessions.arrive_many(usable) if usable else [])
+        return [next(results) if error is None else error for error in errors]
 
     async def sweep(self, stopping: asyncio.Event) -> None:
         """Finalise sessions idle for ``session_idle_seconds``, until ``stopping``."""
@@ -95,24 +94,57 @@ class Scorer:
 
     # --- stage 2: finalised -> scored -----------------------------------------------------
 
-    async def on_finalised(self, message: Message, _entry_id: str) -> None:
-        """Score a finalised turn and publish its ``scored`` entry (once)."""
-        if not isinstance(message, FinalisedV1):
-            raise Reject(f"expected finalised.v1, got {message.kind}")
-        turn = message.turn
-        self.metrics.finalised.labels(message.reason).inc()
-        self.metrics.finalisation_lag.observe(max(0.0, message.created_at - turn.created_at))
-        scored, source = await self.score(message)
-        published = await self._publish_once(
-            keys=[self.keys.dedupe("scored", turn.id), self.keys.stream(SCORED)],
-            args=[self.settings.dedupe_ttl_seconds, self.settings.stream_maxlen,
-                  orjson.dumps(scored.model_dump(mode="json"))])
-        if published:
-            self._count(scored, source)
+    async def on_finalised(self, batch: list[tuple[Message, str]]) -> list[Exception | None]:
+        """Score a batch of finalised turns (judge calls concurrently) and publish one
+        ``scored`` entry per turn, once, in one round trip."""
+        errors: list[Exception | None] = [
+            None if isinstance(m, FinalisedV1) else Reject(f"expected finalised.v1, got {m.kind}")
+            for m, _ in batch]
+        fins = [cast(FinalisedV1, m) for (m, _), e in zip(batch, errors, strict=True) if e is None]
+        feedback = await self._explicit_many([f.turn for f in fins])
+        scored = await asyncio.gather(*(self.score(f, fb) for f, fb in zip(fins, feedback,
+                                                                           strict=True)),
+                                      return_exceptions=True)
+        outcomes = iter(await self._publish_many(fins, scored))
+        return [next(outcomes) if error is None else error for error in errors]
 
-    async def score(self, fin: FinalisedV1) -> tuple[ScoredV1, str]:
+    async def _publish_many(self, fins: list[FinalisedV1],
+                            scored: list[tuple[ScoredV1, str] | BaseException]
+                            ) -> list[Exception | None]:
+        outcomes: list[Exception | None] = []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for fin, result in zip(fins, scored, strict=True):
+                if isinstance(result, BaseException):
+                    continue
+                await self._publish_once(
+                    keys=[self.keys.dedupe("scored", fin.turn.id), self.keys.stream(SCORED)],
+                    args=[self.settings.dedupe_ttl_seconds, self.settings.stream_maxlen,
+                          orjson.dumps(result[0].model_dump(mode="json"))], client=pipe)
+            published = iter(await pipe.execute(raise_on_error=False) if fins else [])
+        for fin, result in zip(fins, scored, strict=True):
+            if isinstance(result, Exception):
+                outcomes.append(result)
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            done = next(published)
+            if isinstance(done, Exception):
+                outcomes.append(done)
+                continue
+            outcomes.append(None)
+            if done:
+                self._observe(fin, *result)
+        return outcomes
+
+    def _observe(self, fin: FinalisedV1, scored: ScoredV1, source: str) -> None:
+        self.metrics.finalised.labels(fin.reason).inc()
+        self.metrics.finalisation_lag.observe(max(0.0, fin.created_at - fin.turn.created_at))
+        self._count(scored, source)
+
+    async def score(self, fin: FinalisedV1, explicit: tuple[float, str | None] | None = None
+                    ) -> tuple[ScoredV1, str]:
         """The scored message of a finalised turn and the source of its reward (for
-        metrics); no side effects but judge calls."""
+        metrics); no side effects but judge calls. ``explicit`` is the user's feedback."""
         turn, s = fin.turn, self.settings
         base: dict[str, Any] = {"id": turn.id, "turn": turn, "follow_up": fin.follow_up,
                                 "reason": fin.reason}
@@ -120,7 +152,6 @@ class Scorer:
             return ScoredV1(**base, reward=None, trainable=False), "none"
         implicit = implicit_reward(turn, fin.follow_up) if s.use_implicit else None
         verdict = await self._judge(turn, fin.follow_up)
-        explicit = await self._explicit(turn)
         judge_score = None if verdict is None else verdict.score
         implicit_score = None if implicit is None else implicit.score
         if implicit is not None and not implicit.signals and judge_score is not None:
@@ -146,23 +177,17 @@ class Scorer:
             return None
         return await self.judge.judge(turn, follow_up)
 
-    async def _explicit(self, turn: TurnV1) -> tuple[float, str | None] | None:
-        """The user's explicit feedback on this turn (or its session), if any: the most
-        specific one wins (response id, then turn index, then session)."""
-        fields = [f"index:{turn.turn_index}", "session"]
-        if turn.response_id:
-            fields.insert(0, f"turn:{turn.response_id}")
-        values = await self.redis.hmget(self.keys.feedback(turn.tenant, turn.session_id),
-                                        fields)
-        for raw in cast(list[bytes | None], values):
-            if raw is None:
-                continue
-            try:
-                data = orjson.loads(raw)
-                return max(-1.0, min(1.0, float(data["score"]))), data.get("text")
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                log.warning("scorer.bad_feedback_entry", extra={"tenant": turn.tenant})
-        return None
+    async def _explicit_many(self, turns: list[TurnV1]
+                             ) -> list[tuple[float, str | None] | None]:
+        """The user's explicit feedback on each turn (or its session), if any, in one
+        round trip: the most specific wins (response id, then turn index, then session)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for turn in turns:
+                pipe.hmget(self.keys.feedback(turn.tenant, turn.session_id),
+                           _feedback_fields(turn))
+            replies = await pipe.execute() if turns else []
+        return [_first_feedback(cast(list[bytes | None], values), turn.tenant)
+                for turn, values in zip(turns, replies, strict=True)]
 
     def _count(self, scored: ScoredV1, source: str) -> None:
         if scored.reward is None:
@@ -171,6 +196,33 @@ class Scorer:
             return
         self.metrics.scored.labels(source, "scored").inc()
         self.metrics.reward.observe(scored.reward)
+
+
+def _check_turn(message: Message) -> Exception | None:
+    if not isinstance(message, TurnV1):
+        return Reject(f"expected turn.v1, got {message.kind}")
+    if not _SAFE_ID.match(message.id) or message.turn_index < 0:
+        return Reject("turn id or index unusable")
+    return None
+
+
+def _feedback_fields(turn: TurnV1) -> list[str]:
+    fields = [f"index:{turn.turn_index}", "session"]
+    if turn.response_id:
+        fields.insert(0, f"turn:{turn.response_id}")
+    return fields
+
+
+def _first_feedback(values: list[bytes | None], tenant: str) -> tuple[float, str | None] | None:
+    for raw in values:
+        if raw is None:
+            continue
+        try:
+            data = orjson.loads(raw)
+            return max(-1.0, min(1.0, float(data["score"]))), data.get("text")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("scorer.bad_feedback_entry", extra={"tenant": tenant})
+    return None
 
 
 def _hint(verdict: Verdict | None, explicit: tuple[float, str | None] | None) -> str | None:

@@ -145,13 +145,24 @@ class Sessions:
 
     async def arrive(self, turn: TurnV1, turn_json: bytes) -> int:
         """Record a turn and append what it finalises; returns how many turns that is."""
-        session_key = self._keys.session_turns(turn.tenant, turn.session_id)
-        result = await self._arrive(
-            keys=self._session_keys(session_key),
-            args=[repr(time.time()), self._maxlen, turn.turn_index, turn.turn_type, turn.id,
-                  turn_json, orjson.dumps(opening_messages(turn)),
-                  "1" if turn.session_done else "0", self._ttl, WALK_LIMIT])
+        result = await self._arrive(**self._arrive_call(turn, turn_json))
         return int(result)
+
+    async def arrive_many(self, turns: Sequence[TurnV1]) -> list[Exception | None]:
+        """``arrive`` for several turns in one pipelined round trip; per turn, None or
+        the error Redis answered for it."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for turn in turns:
+                await self._arrive(**self._arrive_call(turn, turn.json_bytes()), client=pipe)
+            results = await pipe.execute(raise_on_error=False)
+        return [r if isinstance(r, Exception) else None for r in results]
+
+    def _arrive_call(self, turn: TurnV1, turn_json: bytes) -> dict[str, Any]:
+        session_key = self._keys.session_turns(turn.tenant, turn.session_id)
+        return {"keys": self._session_keys(session_key),
+                "args": [repr(time.time()), self._maxlen, turn.turn_index, turn.turn_type,
+                         turn.id, turn_json, orjson.dumps(opening_messages(turn)),
+                         "1" if turn.session_done else "0", self._ttl, WALK_LIMIT]}
 
     async def idle_sessions(self, limit: int = 100) -> Sequence[str]:
         """Sessions with no turn for ``idle_seconds``."""
