@@ -254,6 +254,19 @@ class Settings(BaseSettings):
     checkpoint_every: int = 1
     """Save trainer state (weights and optimizer) every this many steps."""
     trainer_device: str = "cpu"
+    gate_enabled: bool = True
+    """Evaluate each new adapter on held-out turns before it goes live (see the trainer's
+    gate); a regression keeps the live adapter."""
+    gate_holdout_every: int = 5
+    """Every n-th trainable turn is held out from training, for the gate."""
+    gate_holdout_size: int = 16
+    """Held-out turns the gate evaluates on (the newest)."""
+    gate_tolerance: float = 0.05
+    """How far below the live adapter's held-out score a candidate may fall."""
+    gate_max_shift: float = 1.0
+    """Most a candidate's mean logprob on held-out turns may move (nats per token)."""
+    gate_refresh_steps: int = 5
+    """Published versions after which the held-out snapshot is rebuilt from newer turns."""
     use_opd: bool = False
     teacher_model: str = ""
     teacher_base_url: str = ""

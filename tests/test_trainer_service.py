@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from services.trainer.local import LocalBackend
 from services.trainer.metrics import TrainerMetrics
+from services.trainer.samples import Sample, to_sample
 from services.trainer.service import Trainer
 from shared.keys import SCORED, WEIGHTS, Keys
 from shared.messages import ScoredV1, TokenLogprobs, TurnV1, WeightsEventV1, decode
@@ -49,9 +50,10 @@ def scored_turn(i: int, reward: float, version: str = "base") -> ScoredV1:
 
 def settings_for(namespace: str, redis_url: str, model: Path, data_dir: Path,
                  **extra: Any) -> Settings:
+    fields: dict[str, Any] = {"gate_enabled": False, "batch_size": 4, "lora_rank": 4,
+                              "lora_alpha": 8, "learning_rate": 1e-2, **extra}
     return Settings(profile="dev", namespace=namespace, redis_url=redis_url,
-                    model_name=str(model), data_dir=data_dir, batch_size=4, lora_rank=4,
-                    lora_alpha=8, learning_rate=1e-2, **extra)
+                    model_name=str(model), data_dir=data_dir, **fields)
 
 
 def weights_events(client: redis.Redis, namespace: str) -> list[WeightsEventV1]:
@@ -117,7 +119,7 @@ def test_sigkill_mid_step_resumes_and_trains_each_turn_once(
     env = {"REEF_PROFILE": "dev", "REEF_NAMESPACE": namespace, "REEF_REDIS_URL": redis_server.url,
            "REEF_MODEL_NAME": str(tiny_model), "REEF_BATCH_SIZE": "4", "REEF_LORA_RANK": "4",
            "REEF_METRICS_PORT": str(port), "REEF_WORKER_BLOCK_MS": "200",
-           "REEF_MAX_STALENESS": "10"}
+           "REEF_MAX_STALENESS": "10", "REEF_GATE_ENABLED": "false"}
     proc = ServiceProcess("services.trainer", env, tmp_path, port, "/metrics")
     proc.start(timeout=60)
     state = keys.trainer("reef", "state")
@@ -140,3 +142,47 @@ def test_sigkill_mid_step_resumes_and_trains_each_turn_once(
         assert len(trained) == 16
     finally:
         proc.stop()
+
+
+def turn_with(i: int, completion: list[int], reward: float) -> ScoredV1:
+    base = scored_turn(i, reward)
+    sampled = TokenLogprobs(token_ids=completion, logprobs=[-3.0] * len(completion),
+                            prompt_token_ids=[1, 5, 9, 11])
+    return base.model_copy(update={"turn": base.turn.model_copy(update={"sampled": sampled})})
+
+
+GOOD, BAD = [30, 31, 32], [40, 41, 42]
+
+
+async def test_the_gate_refuses_a_regression_and_passes_an_improvement(
+        redis_server: RedisServer, namespace: str, tiny_model: Path, tmp_path: Path) -> None:
+    """Held-out turns say GOOD answers are rewarded and BAD ones are not. A batch that
+    rewards BAD is refused (the live adapter stays); one that rewards GOOD goes live."""
+    settings = settings_for(namespace, redis_server.url, tiny_model, tmp_path,
+                            gate_enabled=True, gate_holdout_every=1, learning_rate=5e-2,
+                            gate_max_shift=100.0)
+    client = aioredis.from_url(redis_server.url)
+    trainer = Trainer(settings, client, LocalBackend(settings, tiny_model, tmp_path / "g"),
+                      TrainerMetrics.create())
+    await asyncio.to_thread(trainer.backend.start)
+    for i in range(8):  # every turn is held out (gate_holdout_every=1) ...
+        await trainer.on_scored(turn_with(i, GOOD if i % 2 else BAD, 1.0 if i % 2 else -1.0),
+                                "0-0")
+    assert await client.hlen(Keys(namespace).trainer("reef", "holdout")) == 8
+
+    def batch(reward_good: float, start: int) -> list[Sample]:
+        return [to_sample(turn_with(start + i, GOOD if i % 2 else BAD,
+                                    reward_good if i % 2 else -reward_good), "reef")
+                for i in range(4)]
+
+    await trainer.step(batch(-1.0, 100))  # ... and this batch teaches the opposite
+    assert weights_events(redis_server.client(), namespace) == []
+    refusal = await client.hget(Keys(namespace).trainer("reef", "state"), "gate_refusal")
+    assert refusal is not None and b"regression" in refusal
+    for _ in range(3):
+        await trainer.step(batch(1.0, 200))
+        if weights_events(redis_server.client(), namespace):
+            break
+    (event,) = weights_events(redis_server.client(), namespace)
+    assert event.metrics["gate_candidate_score"] >= event.metrics["gate_live_score"] - 0.05
+    await client.aclose()

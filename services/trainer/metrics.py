@@ -23,6 +23,7 @@ class TrainerMetrics:
     batch_to_publish_seconds: Histogram
     live_version: Gauge
     buffer: Gauge
+    gate: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> TrainerMetrics:
@@ -49,4 +50,6 @@ class TrainerMetrics:
                                registry=reg),
             buffer=Gauge("reef_trainer_buffer_samples", "Samples waiting for a step.",
                          registry=reg),
+            gate=Counter("reef_trainer_gate_decisions_total", "Gate decisions on new "
+                         "adapters (passed, refused).", ["outcome"], registry=reg),
         )

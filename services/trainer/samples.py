@@ -94,3 +94,11 @@ def to_datums(samples: list[Sample], advs: list[float]) -> list[Datum]:
     """Datums for the samples whose advantage is not zero (they would train nothing)."""
     return [Datum.from_sample(s.prompt, s.completion, s.logprobs, a)
             for s, a in zip(samples, advs, strict=True) if abs(a) > 1e-9]
+
+
+def is_held_out(turn_id: str, every: int) -> bool:
+    """Whether a turn belongs to the gate's held-out replay (every ``every``-th turn, by
+    a hash of its id, so every trainer replica and restart agrees); 0 holds none out."""
+    if every <= 0:
+        return False
+    return int(hashlib.sha256(turn_id.encode()).hexdigest()[:8], 16) % every == 0

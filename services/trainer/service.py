@@ -27,12 +27,14 @@ import orjson
 import redis.asyncio as aioredis
 
 from services.trainer.backend import Checkpoint, TrainingBackend
+from services.trainer.gate import Snapshot, decide, mean_completion_lp, replay_datums
 from services.trainer.metrics import TrainerMetrics
 from services.trainer.samples import (
     NotTrainable,
     Sample,
     adapter_label,
     advantages,
+    is_held_out,
     to_datums,
     to_sample,
 )
@@ -64,6 +66,10 @@ class Trainer:
         self.adapter = settings.adapter_name
         self.buffer_key = self.keys.trainer(self.adapter, "buffer")
         self.state_key = self.keys.trainer(self.adapter, "state")
+        self.holdout_key = self.keys.trainer(self.adapter, "holdout")
+        self.snapshot: Snapshot | None = None
+        self.live_matches_backend = True
+        """Whether the backend's weights are the live adapter's (not after a refusal)."""
         self.version = 0
         self._buffer = redis.register_script(_BUFFER_LUA)
 
@@ -80,10 +86,14 @@ class Trainer:
         except NotTrainable as exc:
             self.metrics.samples.labels(str(exc)).inc()
             return
+        held_out = self.settings.gate_enabled and is_held_out(
+            sample.turn_id, self.settings.gate_holdout_every)
         added = await self._buffer(
-            keys=[self.buffer_key, self.keys.trained(self.adapter, sample.turn_id)],
+            keys=[self.holdout_key if held_out else self.buffer_key,
+                  self.keys.trained(self.adapter, sample.turn_id)],
             args=[sample.turn_id, orjson.dumps(asdict(sample))])
-        self.metrics.samples.labels("buffered" if added else "duplicate").inc()
+        fate = "held_out" if held_out else "buffered"
+        self.metrics.samples.labels(fate if added else "duplicate").inc()
 
     # --- the step loop --------------------------------------------------------------------
 
@@ -143,24 +153,77 @@ class Trainer:
         step = self.version + 1
         await self.redis.hset(self.state_key, "inflight",
                               orjson.dumps({"step": step, "ids": ids}))
-        checkpoint, result_loss, step_metrics = await asyncio.to_thread(
-            self._train_blocking, datums, f"step-{step:06d}")
+        snapshot = await self._gate_snapshot()
+        checkpoint, result_loss, step_metrics, candidate_lp = await asyncio.to_thread(
+            self._train_blocking, datums, f"step-{step:06d}", snapshot)
         self.metrics.step_seconds.observe(time.monotonic() - started)
         rewards = [s.reward for s in batch]
         summary = {"loss": result_loss, "reward_mean": sum(rewards) / len(rewards),
                    "advantage_abs_mean": sum(abs(a) for a in advs) / len(advs),
                    "datums": float(len(datums)), **step_metrics}
-        await self._commit(ids, checkpoint, summary, started)
+        decision = None
+        if snapshot is not None and candidate_lp is not None:
+            decision = decide(snapshot, candidate_lp, self.settings.gate_tolerance,
+                              self.settings.gate_max_shift)
+            summary.update(gate_live_score=decision.live_score,
+                           gate_candidate_score=decision.candidate_score,
+                           gate_shift=decision.shift)
+            self.metrics.gate.labels("passed" if decision.passed else "refused").inc()
+        await self._commit(ids, checkpoint, summary, started,
+                           publish=decision is None or decision.passed,
+                           refusal=None if decision is None or decision.passed
+                           else decision.reason)
+        if decision is not None and decision.passed:
+            self._maybe_refresh_snapshot()
 
-    def _train_blocking(self, datums: list[Any], name: str
-                        ) -> tuple[Checkpoint, float, dict[str, float]]:
+    def _train_blocking(self, datums: list[Any], name: str, snapshot: Snapshot | None
+                        ) -> tuple[Checkpoint, float, dict[str, float], list[float] | None]:
         loss = self.backend.forward_backward(datums, self.settings.loss_fn)
         result = self.backend.optim_step(self.settings.learning_rate)
+        candidate_lp = None
+        if snapshot is not None:
+            logprobs = self.backend.logprobs(replay_datums(snapshot.samples))
+            candidate_lp = mean_completion_lp(snapshot.samples, logprobs)
         checkpoint = self.backend.save(name)
-        return checkpoint, loss, result.metrics
+        return checkpoint, loss, result.metrics, candidate_lp
+
+    # --- the gate -------------------------------------------------------------------------
+
+    async def _gate_snapshot(self) -> Snapshot | None:
+        """The held-out replay with the live policy's logprobs; built from the newest
+        held-out turns while the backend's weights are the live ones."""
+        if not self.settings.gate_enabled:
+            return None
+        if self.snapshot is None and self.live_matches_backend:
+            samples = await self._holdout()
+            if len(samples) >= 2:
+                logprobs = await asyncio.to_thread(self.backend.logprobs,
+                                                   replay_datums(samples))
+                self.snapshot = Snapshot(samples, mean_completion_lp(samples, logprobs),
+                                         self.version)
+        return self.snapshot
+
+    async def _holdout(self) -> list[Sample]:
+        raw = cast(dict[bytes, bytes], await self.redis.hgetall(self.holdout_key))
+        samples = sorted((Sample(**orjson.loads(v)) for v in raw.values()),
+                         key=lambda s: s.turn_id)
+        keep = self.settings.gate_holdout_size
+        if len(samples) > 4 * keep:  # the held-out set keeps only recent turns
+            await self.redis.hdel(self.holdout_key, *(s.turn_id for s in samples[:-keep]))
+        return samples[-keep:]
+
+    def _maybe_refresh_snapshot(self) -> None:
+        """After a publish the backend is live again: rebuild the replay from newer
+        held-out turns every ``gate_refresh_steps`` versions."""
+        snapshot = self.snapshot
+        if snapshot and self.version - snapshot.live_version >= self.settings.gate_refresh_steps:
+            self.snapshot = None
 
     async def _commit(self, ids: list[str], checkpoint: Checkpoint,
-                      summary: dict[str, float], started: float) -> None:
+                      summary: dict[str, float], started: float, publish: bool = True,
+                      refusal: str | None = None) -> None:
+        """Consume the batch and record the step; publish its weights unless the gate
+        refused them (then the live adapter stays, and the refusal is recorded)."""
         version = checkpoint.step
         event = WeightsEventV1(
             id=f"{self.adapter}-v{version}", tenant=self.settings.train_tenant or "*",
@@ -171,16 +234,24 @@ class Trainer:
             for turn_id in ids:
                 pipe.set(self.keys.trained(self.adapter, turn_id), b"1",
                          ex=self.settings.dedupe_ttl_seconds)
-            pipe.hset(self.state_key, mapping={"step": version,
-                                               "live_path": checkpoint.adapter_path})
+            pipe.hset(self.state_key, "step", version)
             pipe.hdel(self.state_key, "inflight")
-            pipe.xadd(self.keys.stream(WEIGHTS), cast(Any, event.to_fields()),
-                      maxlen=self.settings.stream_maxlen, approximate=True)
+            if publish:
+                pipe.hset(self.state_key, "live_path", checkpoint.adapter_path)
+                pipe.xadd(self.keys.stream(WEIGHTS), cast(Any, event.to_fields()),
+                          maxlen=self.settings.stream_maxlen, approximate=True)
+            else:
+                pipe.hset(self.state_key, "gate_refusal", orjson.dumps(
+                    {"step": version, "reason": refusal, "at": time.time(), **summary}))
             await pipe.execute()
+        self.live_matches_backend = publish
+        if not publish:
+            log.warning("trainer.gate_refused", extra={"step": version, "reason": refusal})
         self.version = version
         self.metrics.steps.inc()
         self.metrics.samples.labels("trained").inc(len(ids))
-        self.metrics.live_version.set(version)
+        if publish:
+            self.metrics.live_version.set(version)
         self.metrics.batch_to_publish_seconds.observe(time.monotonic() - started)
         for name in ("loss", "reward_mean", "advantage_abs_mean"):
             if name in summary:
