@@ -396,7 +396,7 @@ class SkillStatusCollector(Collector):
     registry inside the process's event loop (the gateway's) and call ``refresh`` once if
     the first scrape must already be exact."""
 
-    def __init__(self, store: SkillStore, max_age: float = 5.0) -> None:
+    def __init__(self, store: SkillStore, max_age: float = 1.0) -> None:
         self._store = store
         self._max_age = max_age
         self._counts: dict[str, int] = dict.fromkeys(STATUSES, 0)

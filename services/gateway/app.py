@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from services.gateway.adapters import AdapterRouter
+from services.gateway.admin import add_admin_routes
 from services.gateway.auth import Authenticator
 from services.gateway.chat import ChatHandler
 from services.gateway.endpoint import ASGIApp, ChatEndpoint, dispatch
@@ -79,6 +80,7 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> ASG
     app.state.gateway = gw
     _add_error_handlers(app)
     _add_routes(app, gw)
+    add_admin_routes(app, settings, gw.redis, gw.metrics.registry)
     chat = ChatEndpoint(gw.auth, gw.chat, gw.metrics, settings.max_body_bytes,
                         settings.model_map)
     return dispatch(chat, app)
