@@ -100,3 +100,21 @@ class Keys:
     def skill_status_counts(self) -> str:
         """Hash: status -> number of skills with it, over all tenants (for the metric)."""
         return f"{self.namespace}:skills:counts"
+
+    # Skill-miner: the tenant is written with its length first, so no tenant, session or
+    # turn id (which may hold ':') can make one tenant's key another's.
+
+    def miner_session(self, tenant: str, session_id: str) -> str:
+        """Sorted set of a session's recent scored turns (compact JSON scored by turn
+        index, capped and expiring): the trajectories the skill-miner diagnoses."""
+        return f"{self.namespace}:miner:session:{len(tenant)}:{tenant}:{session_id}"
+
+    def miner_done(self, step: str, tenant: str, turn_id: str) -> str:
+        """Marker that the skill-miner finished a step (``credit``, ``mined``) for a turn,
+        so a redelivered entry does not count or mine it twice."""
+        return f"{self.namespace}:miner:{step}:{len(tenant)}:{tenant}:{turn_id}"
+
+    def miner_answer(self, tenant: str, turn_id: str) -> str:
+        """The validated proposals the miner's LLM gave for a failing turn, kept until the
+        turn is mined so a redelivery applies them again instead of asking again."""
+        return f"{self.namespace}:miner:answer:{len(tenant)}:{tenant}:{turn_id}"

@@ -1,0 +1,68 @@
+"""``python -m services.skill_miner``: one skill-miner process (run a few to scale out).
+
+With ``enable_skill_evolution`` off it consumes nothing (``scored`` entries wait for a
+miner that is enabled) and only serves ``/metrics`` until SIGTERM, so a deployment can
+list the service and switch it on by configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.skill_miner.metrics import MinerMetrics
+from services.skill_miner.service import SkillMiner
+from shared.keys import GROUP_SKILL_MINER, SCORED
+from shared.logs import setup_logging
+from shared.redis_client import connect
+from shared.settings import Settings
+from shared.worker import Consumer, run_workers
+
+log = logging.getLogger("reef.skill_miner")
+
+
+async def _idle(stopping: asyncio.Event) -> None:
+    await stopping.wait()
+
+
+async def serve(settings: Settings) -> None:
+    """Consume ``scored`` until SIGTERM (or only wait for it, when evolution is off)."""
+    metrics = MinerMetrics.create()
+    client = connect(settings)
+    if not settings.enable_skill_evolution:
+        log.info("skill_miner.disabled", extra={"setting": "enable_skill_evolution"})
+        try:
+            await run_workers(settings, [], registry=metrics.registry, client=client,
+                              background=[_idle])
+        finally:
+            await client.aclose()
+        return
+    miner = SkillMiner(settings, client, metrics)
+    _warn_if_reclaimed_while_running(settings)
+    await miner.start()
+    try:
+        await run_workers(settings, [Consumer(SCORED, GROUP_SKILL_MINER, miner.on_scored)],
+                          registry=metrics.registry, client=client)
+    finally:
+        await miner.close()
+        await client.aclose()
+
+
+def _warn_if_reclaimed_while_running(settings: Settings) -> None:
+    """An entry is reclaimed by another worker once idle ``worker_claim_idle_ms``; a miner
+    LLM call that may take longer gets made twice (harmless, but paid twice)."""
+    longest = settings.miner_timeout_seconds * (1 + settings.miner_retries) * 2
+    if settings.worker_claim_idle_ms / 1000 < longest:
+        log.warning("skill_miner.claim_idle_short", extra={
+            "worker_claim_idle_ms": settings.worker_claim_idle_ms,
+            "longest_mining_seconds": longest})
+
+
+def main() -> None:
+    settings = Settings()
+    setup_logging(settings.log_level)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Credit assignment for skills, and when a skill's credit retires it (no I/O here).
+
+Each trainable turn's reward is counted for the skills injected into it (``with``) and for
+the *comparable* active skills that were not injected (``without``).
+
+Comparable, here: the active skills of the same tenant that share a category with at least
+one skill injected into the turn. Retrieval put a skill of that category into the prompt,
+so the request was of that kind, and a sibling skill of the category that was left out was
+competing for the same requests; its ``without`` mean is the reward of its kind of request
+without it. Turns with no skill injected credit nothing: with nothing retrieved there is no
+sign that the request was comparable to any skill's. This is a simple, biased-but-honest
+baseline (retrieval is not random); a skill is only judged on its own record when it has
+no baseline (see ``retirement_evidence``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from shared.skills import Skill
+
+
+def comparable_without(injected: Iterable[Skill], active: Iterable[Skill]) -> list[str]:
+    """The ids of the active skills not injected that share a category with one that was."""
+    injected = list(injected)
+    injected_ids = {s.id for s in injected}
+    categories = {s.category for s in injected}
+    return [s.id for s in active
+            if s.status == "active" and s.id not in injected_ids and s.category in categories]
+
+
+def retirement_evidence(skill: Skill, min_turns: int, margin: float) -> str | None:
+    """Why ``skill`` should be retired (its credit, in words), or None if it should stay.
+
+    A skill keeps hurting when it was injected into at least ``min_turns`` scored turns and
+    its mean reward there is more than ``margin`` below the mean of comparable turns without
+    it. A baseline needs ``min_turns`` comparable turns too (a handful of turns is noise);
+    without one, the skill is retired when its own mean is below ``-margin``: its turns
+    went badly on the whole, whatever the others did."""
+    credit = skill.credit
+    with_mean = credit.with_mean
+    if with_mean is None or credit.with_count < max(1, min_turns):
+        return None
+    without_mean = credit.without_mean
+    if without_mean is not None and credit.without_count >= max(1, min_turns):
+        if with_mean < without_mean - margin:
+            return (f"credit: mean reward {with_mean:+.3f} over {credit.with_count} turns with "
+                    f"the skill vs {without_mean:+.3f} over {credit.without_count} comparable "
+                    f"turns without it (retire margin {margin:g})")
+        return None
+    if with_mean < -margin:
+        return (f"credit: mean reward {with_mean:+.3f} over {credit.with_count} turns with the "
+                f"skill, below -{margin:g}, and only {credit.without_count} comparable turns "
+                f"without it (fewer than {min_turns}: no baseline)")
+    return None

@@ -1,0 +1,193 @@
+"""The skill-miner's handler for ``scored`` entries: keep, credit, retire, mine.
+
+Per scored turn:
+
+1. *Keep* it in its session's recent turns (``trajectory``), for later diagnoses.
+2. *Credit* (a trainable turn with a reward and injected skills): the reward counts for
+   the injected skills and for the comparable active skills that were not injected (see
+   ``credit``); an injected skill whose credit shows it keeps hurting is retired, with
+   the evidence as the reason.
+3. *Mine* (a turn whose reward is below ``skill_update_threshold``): the session's
+   trajectory goes to the LLM, whose proposals are curated into the library (``curate``).
+
+Redelivery is harmless: keeping is idempotent, credit is guarded by a marker per turn, the
+LLM's validated answer is stored before it is applied (a redelivery applies it again, it
+does not ask again), applying is idempotent per turn, and a marker per turn closes mining.
+An LLM failure raises, so the entry stays pending and the worker retries it after
+``worker_claim_idle_ms``; after ``worker_max_deliveries`` it is dead-lettered, never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import redis.asyncio as aioredis
+
+from services.skill_miner import prompts
+from services.skill_miner.credit import comparable_without, retirement_evidence
+from services.skill_miner.curate import Curator, Origin
+from services.skill_miner.llm import ProposalLLM
+from services.skill_miner.metrics import OUTCOME_INVALID, MinerMetrics
+from services.skill_miner.proposals import MinerAnswer
+from services.skill_miner.similarity import Similarity, lexical_similarity, text_of
+from services.skill_miner.trajectory import Trajectories, TurnRecord, record_of
+from shared.keys import Keys
+from shared.messages import Message, ScoredV1
+from shared.settings import Settings
+from shared.skill_store import SkillNotFound, SkillStore
+from shared.skills import Skill
+from shared.worker import Reject
+
+log = logging.getLogger("reef.skill_miner")
+
+ACTIVE_CACHE_SECONDS = 5.0
+"""How long a tenant's list of active skills is reused for credit (comparable skills);
+a skill activated meanwhile starts collecting ``without`` credit a few seconds late."""
+
+
+class SkillMiner:
+    """The ``scored`` handler and what it needs; one per miner process."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis, metrics: MinerMetrics, *,
+                 llm: ProposalLLM | None = None, similarity: Similarity = lexical_similarity
+                 ) -> None:
+        """``llm`` None builds one from the settings; ``similarity`` is the dedupe measure
+        (lexical by default; pass an embedding one to dedupe paraphrases)."""
+        self.settings = settings
+        self.redis = redis
+        self.keys = Keys(settings.namespace)
+        self.metrics = metrics
+        self.store = SkillStore(redis, self.keys, settings.stream_maxlen)
+        self.llm = llm if llm is not None else ProposalLLM(settings, metrics)
+        self.trajectories = Trajectories(redis, self.keys)
+        self.similarity = similarity
+        self.curator = Curator(self.store, metrics, similarity, settings.skill_merge_similarity,
+                               settings.skill_auto_promote)
+        self._active: dict[str, tuple[float, list[Skill]]] = {}
+
+    async def start(self) -> None:
+        await self.llm.start()
+
+    async def close(self) -> None:
+        await self.llm.close()
+
+    async def on_scored(self, message: Message, _entry_id: str) -> None:
+        """Keep, credit and mine one scored turn (see the module docstring)."""
+        if not isinstance(message, ScoredV1):
+            raise Reject(f"expected scored.v1, got {message.kind}")
+        if message.turn.turn_index < 0:
+            raise Reject("turn index unusable")
+        await self.trajectories.record(message)
+        reward = message.reward
+        if reward is None:
+            return
+        if message.trainable and message.turn.skill_ids:
+            await self.credit(message, reward)
+        if (reward < self.settings.skill_update_threshold and message.turn.turn_type == "main"
+                and self.settings.max_new_skills > 0):
+            await self.mine(message)
+
+    # --- credit ------------------------------------------------------------------------
+
+    async def credit(self, scored: ScoredV1, reward: float) -> None:
+        """Count the reward for the injected and comparable skills (once per turn), then
+        retire the injected skills that keep hurting."""
+        turn = scored.turn
+        marker = self.keys.miner_done("credit", turn.tenant, turn.id)
+        if not await self.redis.exists(marker):
+            injected = await self._skills(turn.tenant, turn.skill_ids)
+            without = comparable_without(injected, await self._active_skills(turn.tenant))
+            await self.store.add_credit(turn.tenant, turn.skill_ids, reward, without)
+            await self.redis.set(marker, b"1", ex=self.settings.dedupe_ttl_seconds)
+        for skill in await self._skills(turn.tenant, turn.skill_ids):
+            await self._retire_if_hurting(skill)
+
+    async def _retire_if_hurting(self, skill: Skill) -> None:
+        if skill.status != "active":
+            return
+        evidence = retirement_evidence(skill, self.settings.skill_retire_min_turns,
+                                       self.settings.skill_retire_margin)
+        if evidence is None:
+            return
+        try:
+            retired = await self.store.set_status(skill.tenant, skill.id, "retired", evidence)
+        except SkillNotFound:
+            return  # deleted meanwhile: nothing to retire
+        if retired.retired_reason == evidence:  # not another replica's retirement
+            self.metrics.retired.inc()
+            credit = skill.credit
+            log.warning("skill_miner.skill_retired", extra={
+                "tenant": skill.tenant, "skill_id": skill.id, "with_count": credit.with_count,
+                "with_mean": credit.with_mean, "without_count": credit.without_count,
+                "without_mean": credit.without_mean})
+        self._active.pop(skill.tenant, None)
+
+    async def _skills(self, tenant: str, skill_ids: list[str]) -> list[Skill]:
+        skills = [await self.store.get(tenant, skill_id) for skill_id in skill_ids]
+        return [s for s in skills if s is not None]
+
+    async def _active_skills(self, tenant: str) -> list[Skill]:
+        cached = self._active.get(tenant)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < ACTIVE_CACHE_SECONDS:
+            return cached[1]
+        active = await self.store.list(tenant, "active")
+        self._active[tenant] = (now, active)
+        return active
+
+    # --- mining ------------------------------------------------------------------------
+
+    async def mine(self, scored: ScoredV1) -> None:
+        """Diagnose the session up to this turn and curate the proposals (once per turn)."""
+        turn = scored.turn
+        mined = self.keys.miner_done("mined", turn.tenant, turn.id)
+        if await self.redis.exists(mined):
+            return
+        answer_key = self.keys.miner_answer(turn.tenant, turn.id)
+        cached = await self.redis.get(answer_key)
+        if cached is not None:
+            answer: MinerAnswer | None = MinerAnswer.model_validate_json(cached)
+        else:
+            answer = await self._ask(scored)
+            if answer is not None:
+                await self.redis.set(answer_key, answer.model_dump_json(),
+                                     ex=self.settings.dedupe_ttl_seconds)
+        if answer is None:
+            self.metrics.proposals.labels(OUTCOME_INVALID).inc()
+            self.metrics.mined.labels("invalid").inc()
+        else:
+            origin = Origin(turn.tenant, turn.session_id, turn.id)
+            for proposal in answer.skills:
+                await self.curator.apply(proposal, origin)
+            self.metrics.mined.labels("proposed" if answer.skills else "nothing").inc()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(mined, b"1", ex=self.settings.dedupe_ttl_seconds)
+            pipe.delete(answer_key)
+            await pipe.execute()
+
+    async def _ask(self, scored: ScoredV1) -> MinerAnswer | None:
+        """The LLM's validated answer for a failing turn (None: invalid twice)."""
+        turn = scored.turn
+        failing = record_of(scored)
+        turns = await self.trajectories.up_to(turn.tenant, turn.session_id, turn.turn_index)
+        if not any(r.turn_id == failing.turn_id for r in turns):
+            turns.append(failing)  # trimmed already (a very late redelivery)
+        existing = await self._relevant_skills(turn.tenant, failing)
+        messages = prompts.proposal_messages(turns, failing, existing,
+                                             self.settings.max_new_skills)
+        log.info("skill_miner.mining", extra={"tenant": turn.tenant, "turn_id": turn.id,
+                                              "turns": len(turns)})
+        return await self.llm.propose(messages, self.settings.max_new_skills)
+
+    async def _relevant_skills(self, tenant: str, failing: TurnRecord) -> list[Skill]:
+        """The tenant's live skills most similar to the failing turn, for the prompt (so
+        the LLM can improve one instead of proposing a near-copy)."""
+        existing = [s for s in await self.store.list(tenant) if s.status != "retired"]
+        if len(existing) <= prompts.EXISTING_SKILLS_SHOWN:
+            return existing
+        scores = await asyncio.to_thread(self.similarity, f"{failing.request}\n{failing.answer}",
+                                         [text_of(s) for s in existing])
+        ranked = sorted(zip(scores, existing, strict=True), key=lambda p: p[0], reverse=True)
+        return [s for _, s in ranked[:prompts.EXISTING_SKILLS_SHOWN]]
