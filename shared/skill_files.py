@@ -39,6 +39,7 @@ from shared.skill_store import (
     STATUSES,
     InvalidSkill,
     SkillStore,
+    check_category,
     check_name,
 )
 from shared.skills import Provenance, Skill, SkillStatus
@@ -131,6 +132,7 @@ def parse(text: str, path: str = FILE_NAME) -> SkillFile:
     body = body.strip()
     try:
         check_name(name)
+        check_category(category)
     except InvalidSkill as exc:
         raise SkillFileError(path, exc.message) from None
     if not description or "\n" in description or len(description) > MAX_DESCRIPTION_CHARS:

@@ -100,7 +100,8 @@ def _check_text(field: str, value: str, limit: int, one_line: bool = False) -> s
     return text
 
 
-def _check_category(category: str) -> str:
+def check_category(category: str) -> str:
+    """A valid category, or ``InvalidSkill``."""
     if (not isinstance(category, str) or len(category) > MAX_CATEGORY_CHARS
             or not CATEGORY_RE.match(category)):
         raise InvalidSkill("category", f"Invalid category {category!r}: lowercase letters, "
@@ -220,7 +221,7 @@ class SkillStore:
         skill = Skill(
             id=new_skill_id(), tenant=check_tenant(tenant), name=check_name(name),
             description=_check_text("description", description, MAX_DESCRIPTION_CHARS, True),
-            body=_check_text("body", body, MAX_BODY_CHARS), category=_check_category(category),
+            body=_check_text("body", body, MAX_BODY_CHARS), category=check_category(category),
             status=_check_status(status), provenance=provenance or Provenance(source="admin"),
             created_at=now, updated_at=now, changed_at=now,
             reason=_check_text("reason", reason, MAX_REASON_CHARS))
@@ -251,7 +252,7 @@ class SkillStore:
         if body is not None:
             body = _check_text("body", body, MAX_BODY_CHARS)
         if category is not None:
-            category = _check_category(category)
+            category = check_category(category)
 
         def change(old: Skill, now: float) -> Skill:
             previous = SkillVersion(version=old.version, description=old.description,

@@ -73,6 +73,7 @@ def test_hand_written_file_with_top_level_fields_and_unknown_ones() -> None:
     ("---\nname: ok\ndescription: d\nstatus: live\n---\nb", "'status' must be one of"),
     ("---\nname: ok\ndescription: d\nmetadata: {version: two}\n---\nb", "'version'"),
     ("---\nname: ok\ndescription: {a: 1}\n---\nb", "'description' must be a string"),
+    ("---\nname: ok\ndescription: d\ncategory: Not OK\n---\nb", "Invalid category"),
 ])
 def test_malformed_files_are_rejected_naming_the_file(text: str, needle: str) -> None:
     with pytest.raises(SkillFileError) as err:
