@@ -295,3 +295,25 @@ def test_greedy_and_nucleus_sampling_report_model_logprobs() -> None:
         token = sample(logits, tight, generator)
         assert token.token_id == 0
         assert token.logprob == pytest.approx(float(torch.log_softmax(logits / 0.5, -1)[0]))
+
+
+def test_completions_scores_a_sequence_like_the_chat_sampler(server: PolicyServer) -> None:
+    """Scoring mode of /v1/completions (the teacher API of on-policy distillation): the
+    logprob of each sampled token equals what the sampler reported at temperature 1."""
+    policy_url = server.url
+    client = server.client()
+    resp = client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=8,
+        temperature=1.0, logprobs=True, seed=3, extra_body={"return_token_ids": True})
+    extra = resp.model_extra or {}
+    prompt_ids = extra["prompt_token_ids"]
+    sampled = (resp.choices[0].model_extra or {})["token_ids"]
+    sampler_lps = [t.logprob for t in resp.choices[0].logprobs.content]  # type: ignore[union-attr]
+    scored = httpx.post(policy_url + "/v1/completions", timeout=60, json={
+        "model": "x", "prompt": prompt_ids + sampled, "echo": True, "logprobs": 1,
+        "max_tokens": 0}).json()
+    values = scored["choices"][0]["logprobs"]["token_logprobs"]
+    assert values[0] is None and len(values) == len(prompt_ids) + len(sampled)
+    assert values[-len(sampled):] == pytest.approx(sampler_lps, abs=2e-3)
+    bad = httpx.post(policy_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 5})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"

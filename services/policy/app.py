@@ -35,6 +35,7 @@ from services.policy.schemas import (
     UnloadLoraAdapterRequest,
     error_body,
 )
+from services.policy.score import CompletionRequest, score
 from services.policy.text import TokenTexts
 from shared.settings import Settings
 
@@ -179,6 +180,16 @@ def _add_routes(app: FastAPI, state: PolicyState) -> None:
                                      media_type="text/event-stream",
                                      headers={"cache-control": "no-cache", **headers})
         return _json(await chat.complete(job, engine, texts, request), headers=headers)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Response:
+        engine, adapters = state.engine, state.adapters
+        if engine is None or adapters is None:
+            return _not_ready(state)
+        adapter = adapters.select(req.model)
+        body = await score(req, engine, state.model_name, adapter)
+        return _json(body, headers={POLICY_VERSION_HEADER: adapter.name if adapter
+                                    else BASE_VERSION})
 
     _add_lora_routes(app, state)
 

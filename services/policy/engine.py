@@ -134,6 +134,28 @@ class Engine:
             cancel.set()  # also when the consumer went away: stop at the next step
         await future  # re-raises what went wrong on the generation thread
 
+    async def score(self, ids: list[int], adapter: Adapter | None = None) -> list[float]:
+        """Log-probability of each token of ``ids`` given the ones before it (one forward
+        pass; ``len(ids) - 1`` values), under the base model or ``adapter``."""
+        loop = asyncio.get_running_loop()
+
+        def work() -> list[float]:
+            self.active.current = adapter
+            try:
+                return self._score(ids)
+            finally:
+                self.active.current = None
+
+        return await loop.run_in_executor(self._executor, work)
+
+    @torch.inference_mode()
+    def _score(self, ids: list[int]) -> list[float]:
+        inputs = torch.tensor([ids], device=self.device)
+        logits = self.model(input_ids=inputs).logits[0, :-1].float()
+        targets = inputs[0, 1:]
+        picked = logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+        return [float(x) for x in picked.cpu()]
+
     @torch.inference_mode()
     def _generate(self, prompt_ids: list[int], params: SamplingParams, index: int,
                   seed: int | None, cancel: threading.Event,
