@@ -25,6 +25,7 @@ from services.gateway.errors import APIError, error_response, upstream_error
 from services.gateway.feedback import FEEDBACK_PATH, FeedbackHandler
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.recorder import Recorder
+from services.gateway.skills import SkillInjector
 from services.gateway.upstream import Upstream
 from shared.keys import Keys
 from shared.redis_client import connect
@@ -43,6 +44,8 @@ class Gateway:
     recorder: Recorder
     router: AdapterRouter
     chat: ChatHandler
+    skills: SkillInjector | None = None
+    """Present when ``use_skills`` is on."""
 
 
 def build_gateway(settings: Settings, metrics: GatewayMetrics | None = None) -> Gateway:
@@ -54,8 +57,10 @@ def build_gateway(settings: Settings, metrics: GatewayMetrics | None = None) -> 
                         metrics, settings.stream_maxlen, settings.dedupe_ttl_seconds,
                         settings.recorder_batch_size)
     router = AdapterRouter(settings, redis, upstream, metrics)
+    skills = SkillInjector(settings, redis, metrics) if settings.use_skills else None
     return Gateway(settings, metrics, Authenticator(settings), redis, upstream, recorder,
-                   router, ChatHandler(settings, upstream, recorder, metrics, router))
+                   router, ChatHandler(settings, upstream, recorder, metrics, router, skills),
+                   skills)
 
 
 def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> ASGIApp:
@@ -67,9 +72,13 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> ASG
         await gw.upstream.start()
         gw.recorder.start()
         gw.router.start()
+        if gw.skills is not None:
+            gw.skills.start()
         try:
             yield
         finally:
+            if gw.skills is not None:
+                await gw.skills.close()
             await gw.router.close()
             await gw.recorder.close()
             await gw.upstream.close()

@@ -20,6 +20,7 @@ from services.gateway.errors import APIError, error_body, upstream_error
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.recorder import Recorder
 from services.gateway.request import ChatRequest
+from services.gateway.skills import SkillInjector
 from services.gateway.upstream import Upstream
 from shared.messages import new_id
 from shared.settings import Settings
@@ -41,8 +42,11 @@ class ChatHandler:
     """Forwards chat requests upstream and hands finished turns to the recorder."""
 
     def __init__(self, settings: Settings, upstream: Upstream, recorder: Recorder,
-                 metrics: GatewayMetrics, router: AdapterRouter) -> None:
+                 metrics: GatewayMetrics, router: AdapterRouter,
+                 skills: SkillInjector | None = None) -> None:
         self._settings = settings
+        self._skills = skills
+        """None when ``use_skills`` is off: the hot path then does no skill work at all."""
         self._router = router
         self._upstream = upstream
         self._recorder = recorder
@@ -75,6 +79,9 @@ class ChatHandler:
         if adapter is not None:
             chat.body["model"] = adapter
             chat.changed = True
+        skill_ids: tuple[str, ...] = ()
+        if self._skills is not None and chat.turn_type == "main":
+            skill_ids = await self._skills.inject(chat, tenant)
         strips = self._ask_for_training_data(chat)
         payload = orjson.dumps(chat.body) if chat.changed or any(strips) else raw
         resp = await self._upstream.request("POST", "/chat/completions", payload)
@@ -86,11 +93,12 @@ class ChatHandler:
             raise upstream_error(resp.status, body)
         if chat.stream and resp.content_type == "text/event-stream":
             return Reply(chat.session_id,
-                         events=self._relay(resp, chat, tenant, started, strips))
-        return await self._whole(resp, chat, tenant, started, strips)
+                         events=self._relay(resp, chat, tenant, started, strips, skill_ids))
+        return await self._whole(resp, chat, tenant, started, strips, skill_ids)
 
     async def _whole(self, resp: aiohttp.ClientResponse, chat: ChatRequest, tenant: str,
-                     started: float, strips: tuple[bool, bool, bool]) -> Reply:
+                     started: float, strips: tuple[bool, bool, bool],
+                     skill_ids: tuple[str, ...]) -> Reply:
         try:
             raw = await resp.read()
         except TimeoutError:
@@ -110,12 +118,13 @@ class ChatHandler:
         if strips[0] or strips[1]:
             strip_unasked(data, strips[0], strips[1])
             raw = orjson.dumps(data)
-        self._record(chat, tenant, answer, resp, started, completed=True)
+        self._record(chat, tenant, answer, resp, started, True, skill_ids)
         self._ok_whole.inc()
         return Reply(chat.session_id, body=raw)
 
     async def _relay(self, resp: aiohttp.ClientResponse, chat: ChatRequest, tenant: str,
-                     started: float, strips: tuple[bool, bool, bool]) -> AsyncIterator[bytes]:
+                     started: float, strips: tuple[bool, bool, bool],
+                     skill_ids: tuple[str, ...]) -> AsyncIterator[bytes]:
         """Each upstream SSE event reaches the client as soon as it is complete."""
         assembler = StreamAssembler()
         completed = False
@@ -142,7 +151,8 @@ class ChatHandler:
             # Closing (not releasing) an unfinished response drops the upstream connection,
             # so a client that went away also stops the upstream's generation.
             resp.release() if completed else resp.close()
-            self._record(chat, tenant, assembler.finish(), resp, started, completed)
+            self._record(chat, tenant, assembler.finish(), resp, started, completed,
+                         skill_ids)
             self._metrics.requests.labels("true", "200" if completed else "aborted").inc()
 
     @staticmethod
@@ -176,7 +186,8 @@ class ChatHandler:
         return b"".join(out) + b"\n"
 
     def _record(self, chat: ChatRequest, tenant: str, answer: Answer,
-                resp: aiohttp.ClientResponse, started: float, completed: bool) -> None:
+                resp: aiohttp.ClientResponse, started: float, completed: bool,
+                skill_ids: tuple[str, ...]) -> None:
         latency = time.perf_counter() - started
         self._seconds[chat.stream].observe(latency)
         body = chat.body
@@ -191,7 +202,7 @@ class ChatHandler:
             "response_message": answer.message, "finish_reason": answer.finish_reason,
             "usage": answer.usage, "sampled": answer.sampled(),
             "latency_seconds": latency, "stream": chat.stream, "completed": completed,
-            "skill_ids": [], "response_id": answer.response_id,
+            "skill_ids": skill_ids, "response_id": answer.response_id,
         })
 
 

@@ -9,6 +9,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0, 30.0, 60.0, 120.0)
 
+_SKILL_COUNT_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12)
+_RETRIEVAL_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
 
 @dataclass(frozen=True)
 class GatewayMetrics:
@@ -26,6 +29,10 @@ class GatewayMetrics:
     spool_bytes: Gauge
     adapter_swaps: Counter
     live_version: Gauge
+    skills_injected: Histogram
+    skill_retrieval_seconds: Histogram
+    skill_retrieval_mode: Gauge
+    skills_indexed: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> GatewayMetrics:
@@ -61,4 +68,17 @@ class GatewayMetrics:
             live_version=Gauge("reef_gateway_live_adapter_version",
                                "Version of the adapter new requests are routed to.",
                                registry=reg),
+            skills_injected=Histogram("reef_gateway_skills_injected",
+                                      "Skills injected per main turn (use_skills on).",
+                                      buckets=_SKILL_COUNT_BUCKETS, registry=reg),
+            skill_retrieval_seconds=Histogram(
+                "reef_gateway_skill_retrieval_seconds",
+                "Skill retrieval per main turn of a tenant with skills (query embedding "
+                "included).", buckets=_RETRIEVAL_BUCKETS, registry=reg),
+            skill_retrieval_mode=Gauge("reef_gateway_skill_retrieval_mode",
+                                       "1 for the retrieval mode in use (embedding, bm25).",
+                                       ["mode"], registry=reg),
+            skills_indexed=Gauge("reef_gateway_skills_indexed",
+                                 "Active skills in this replica's index, all tenants.",
+                                 registry=reg),
         )
