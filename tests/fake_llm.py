@@ -7,7 +7,8 @@ Each call takes the next item of ``script`` (or ``default`` when the script is u
 - an int: answered with that HTTP status and an OpenAI-style error body;
 - ``"hang"``: no answer for ``hang_seconds``.
 
-``mode = "http500"`` answers 500 to everything (the script is not consumed).
+Every answer waits ``latency`` seconds first. ``mode = "http500"`` answers 500 to
+everything (the script is not consumed).
 ``reject_response_format`` answers 400 to requests that carry ``response_format``, like an
 endpoint without JSON mode. Every request body is kept in ``requests``.
 """
@@ -50,6 +51,7 @@ class FakeLLM:
         self.script: list[Any] = []
         self.default: Any = {"diagnosis": "Nothing reusable went wrong.", "skills": []}
         self.mode = "script"
+        self.latency = 0.0
         self.reject_response_format = False
         self.requests: list[dict[str, Any]] = []
         self.deployments: list[str] = []
@@ -95,6 +97,8 @@ class FakeLLM:
         if self.reject_response_format and "response_format" in body:
             return _error(400, "response_format is not supported by this model")
         item = self.script.pop(0) if self.script else self.default
+        if self.latency:
+            await asyncio.sleep(self.latency)
         if item == "hang":
             await asyncio.sleep(self.hang_seconds)
             return _error(504, "too late")

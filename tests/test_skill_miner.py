@@ -19,7 +19,11 @@ from services.skill_miner.credit import comparable_without, retirement_evidence
 from services.skill_miner.metrics import MinerMetrics
 from services.skill_miner.proposals import InvalidAnswer, parse_answer
 from services.skill_miner.service import SkillMiner
-from services.skill_miner.similarity import lexical_similarity, skill_text
+from services.skill_miner.similarity import (
+    embedding_similarity,
+    lexical_similarity,
+    skill_text,
+)
 from services.skill_miner.trajectory import record_of
 from shared.keys import GROUP_SKILL_MINER, SCORED, SKILLS, Keys
 from shared.messages import ScoredV1, SkillEventV1, TurnV1, decode
@@ -204,6 +208,33 @@ def test_llm_that_keeps_failing_leaves_the_entry_pending_then_dead_letters_it(
         assert skills_of(client, namespace) == []
     finally:
         proc.stop()
+
+
+def test_slow_llm_answer_is_not_taken_over_by_another_miner(
+        redis_server: RedisServer, namespace: str, tmp_path: Path, fake: FakeLLM) -> None:
+    """Two miners; the answer takes 4x the claim idle time. The handling miner keeps the
+    entry claimed, so the other one never takes it over: one call, one skill, no dead
+    letter (with 2 deliveries allowed)."""
+    fake.latency = 2.0
+    fake.script = [answer(FILE_SKILL)]
+    env = {"REEF_WORKER_MAX_DELIVERIES": "2", "REEF_WORKER_CLAIM_IDLE_MS": "500"}
+    procs = [miner_process(redis_server, namespace, tmp_path / str(i), fake, env)
+             for i in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        client = redis_server.client()
+        keys = Keys(namespace)
+        publish(client, namespace, scored("slow", 0, -1.0))
+        wait_for(lambda: skills_of(client, namespace), what="a mined skill")
+        wait_for(lambda: client.xpending(keys.stream(SCORED), GROUP_SKILL_MINER)["pending"] == 0,
+                 what="the ack")
+        time.sleep(0.6)
+        assert fake.calls == 1 and client.xlen(keys.dead(SCORED)) == 0
+        assert sum(p.metric("reef_worker_reclaimed_total") for p in procs) == 0
+    finally:
+        for proc in procs:
+            proc.stop()
 
 
 def test_disabled_miner_consumes_nothing(
@@ -486,6 +517,18 @@ def test_lexical_similarity() -> None:
         skill_text("check-file-paths-exist", "Verify file paths exist before using them."),
         skill_text("answer-in-user-language", "Reply in the language the user wrote in.")])
     assert near >= 0.85 > reworded > 0.5 > 0.2 > other
+
+
+def test_embedding_similarity_merges_paraphrases() -> None:
+    skill_index = pytest.importorskip("shared.skill_index")
+    if not skill_index.embedding_available():
+        pytest.skip("the embedding extra is not installed")
+    similarity = embedding_similarity(skill_index.Embedder())
+    base = skill_text(FILE_SKILL["name"], FILE_SKILL["description"])
+    paraphrase, other = similarity(base, [
+        skill_text("check-file-paths-exist", "Verify file paths exist before using them."),
+        skill_text("answer-in-user-language", "Reply in the language the user wrote in.")])
+    assert paraphrase >= 0.85 > 0.2 > other
 
 
 def _skill(skill_id: str, category: str, status: str = "active", **credit: Any) -> Skill:

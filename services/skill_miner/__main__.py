@@ -16,7 +16,7 @@ from shared.keys import GROUP_SKILL_MINER, SCORED
 from shared.logs import setup_logging
 from shared.redis_client import connect
 from shared.settings import Settings
-from shared.worker import Consumer, run_workers
+from shared.worker import Consumer, default_consumer_name, run_workers
 
 log = logging.getLogger("reef.skill_miner")
 
@@ -37,25 +37,15 @@ async def serve(settings: Settings) -> None:
         finally:
             await client.aclose()
         return
-    miner = SkillMiner(settings, client, metrics)
-    _warn_if_reclaimed_while_running(settings)
+    consumer = default_consumer_name()
+    miner = SkillMiner(settings, client, metrics, consumer=consumer)
     await miner.start()
     try:
         await run_workers(settings, [Consumer(SCORED, GROUP_SKILL_MINER, miner.on_scored)],
-                          registry=metrics.registry, client=client)
+                          consumer=consumer, registry=metrics.registry, client=client)
     finally:
         await miner.close()
         await client.aclose()
-
-
-def _warn_if_reclaimed_while_running(settings: Settings) -> None:
-    """An entry is reclaimed by another worker once idle ``worker_claim_idle_ms``; a miner
-    LLM call that may take longer gets made twice (harmless, but paid twice)."""
-    longest = settings.miner_timeout_seconds * (1 + settings.miner_retries) * 2
-    if settings.worker_claim_idle_ms / 1000 < longest:
-        log.warning("skill_miner.claim_idle_short", extra={
-            "worker_claim_idle_ms": settings.worker_claim_idle_ms,
-            "longest_mining_seconds": longest})
 
 
 def main() -> None:

@@ -10,9 +10,11 @@ Per scored turn:
 3. *Mine* (a turn whose reward is below ``skill_update_threshold``): the session's
    trajectory goes to the LLM, whose proposals are curated into the library (``curate``).
 
-Redelivery is harmless: keeping is idempotent, credit is guarded by a marker per turn, the
-LLM's validated answer is stored before it is applied (a redelivery applies it again, it
-does not ask again), applying is idempotent per turn, and a marker per turn closes mining.
+While the LLM answers, the entry is kept claimed (``lease``), so a slow answer is not
+re-delivered to a second handler. Redelivery is harmless anyway: keeping is idempotent,
+credit is guarded by a marker per turn, the LLM's validated answer is stored before it is
+applied (a redelivery applies it again, it does not ask again), applying is idempotent per
+turn, and a marker per turn closes mining.
 An LLM failure raises, so the entry stays pending and the worker retries it after
 ``worker_claim_idle_ms``; after ``worker_max_deliveries`` it is dead-lettered, never lost.
 """
@@ -28,17 +30,18 @@ import redis.asyncio as aioredis
 from services.skill_miner import prompts
 from services.skill_miner.credit import comparable_without, retirement_evidence
 from services.skill_miner.curate import Curator, Origin
+from services.skill_miner.lease import Lease
 from services.skill_miner.llm import ProposalLLM
 from services.skill_miner.metrics import OUTCOME_INVALID, MinerMetrics
 from services.skill_miner.proposals import MinerAnswer
 from services.skill_miner.similarity import Similarity, lexical_similarity, text_of
 from services.skill_miner.trajectory import Trajectories, TurnRecord, record_of
-from shared.keys import Keys
+from shared.keys import GROUP_SKILL_MINER, SCORED, Keys
 from shared.messages import Message, ScoredV1
 from shared.settings import Settings
 from shared.skill_store import SkillNotFound, SkillStore
 from shared.skills import Skill
-from shared.worker import Reject
+from shared.worker import Reject, default_consumer_name
 
 log = logging.getLogger("reef.skill_miner")
 
@@ -51,10 +54,11 @@ class SkillMiner:
     """The ``scored`` handler and what it needs; one per miner process."""
 
     def __init__(self, settings: Settings, redis: aioredis.Redis, metrics: MinerMetrics, *,
-                 llm: ProposalLLM | None = None, similarity: Similarity = lexical_similarity
-                 ) -> None:
+                 llm: ProposalLLM | None = None, similarity: Similarity = lexical_similarity,
+                 consumer: str | None = None) -> None:
         """``llm`` None builds one from the settings; ``similarity`` is the dedupe measure
-        (lexical by default; pass an embedding one to dedupe paraphrases)."""
+        (lexical by default; pass an embedding one to dedupe paraphrases); ``consumer`` is
+        this process's name in the consumer group (default: the worker's default)."""
         self.settings = settings
         self.redis = redis
         self.keys = Keys(settings.namespace)
@@ -66,6 +70,8 @@ class SkillMiner:
         self.curator = Curator(self.store, metrics, similarity, settings.skill_merge_similarity,
                                settings.skill_auto_promote)
         self._active: dict[str, tuple[float, list[Skill]]] = {}
+        self.lease = Lease(redis, self.keys.stream(SCORED), GROUP_SKILL_MINER,
+                           consumer or default_consumer_name(), settings.worker_claim_idle_ms)
 
     async def start(self) -> None:
         await self.llm.start()
@@ -73,7 +79,7 @@ class SkillMiner:
     async def close(self) -> None:
         await self.llm.close()
 
-    async def on_scored(self, message: Message, _entry_id: str) -> None:
+    async def on_scored(self, message: Message, entry_id: str) -> None:
         """Keep, credit and mine one scored turn (see the module docstring)."""
         if not isinstance(message, ScoredV1):
             raise Reject(f"expected scored.v1, got {message.kind}")
@@ -87,7 +93,7 @@ class SkillMiner:
             await self.credit(message, reward)
         if (reward < self.settings.skill_update_threshold and message.turn.turn_type == "main"
                 and self.settings.max_new_skills > 0):
-            await self.mine(message)
+            await self.mine(message, entry_id)
 
     # --- credit ------------------------------------------------------------------------
 
@@ -139,8 +145,9 @@ class SkillMiner:
 
     # --- mining ------------------------------------------------------------------------
 
-    async def mine(self, scored: ScoredV1) -> None:
-        """Diagnose the session up to this turn and curate the proposals (once per turn)."""
+    async def mine(self, scored: ScoredV1, entry_id: str) -> None:
+        """Diagnose the session up to this turn and curate the proposals (once per turn);
+        the entry stays claimed by this process while the LLM answers."""
         turn = scored.turn
         mined = self.keys.miner_done("mined", turn.tenant, turn.id)
         if await self.redis.exists(mined):
@@ -150,7 +157,8 @@ class SkillMiner:
         if cached is not None:
             answer: MinerAnswer | None = MinerAnswer.model_validate_json(cached)
         else:
-            answer = await self._ask(scored)
+            async with self.lease.held(entry_id):
+                answer = await self._ask(scored)
             if answer is not None:
                 await self.redis.set(answer_key, answer.model_dump_json(),
                                      ex=self.settings.dedupe_ttl_seconds)
