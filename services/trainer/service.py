@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
 import time
 from dataclasses import asdict
 from typing import Any, cast
@@ -26,9 +27,10 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 
-from services.trainer.backend import Checkpoint, TrainingBackend
+from services.trainer.backend import Checkpoint, Datum, TrainingBackend
 from services.trainer.gate import Snapshot, decide, mean_completion_lp, replay_datums
 from services.trainer.metrics import TrainerMetrics
+from services.trainer.opd import Teacher, opd_advantages
 from services.trainer.samples import (
     NotTrainable,
     Sample,
@@ -57,8 +59,12 @@ class Trainer:
     """Buffers samples and runs steps on one backend, for one adapter."""
 
     def __init__(self, settings: Settings, redis: aioredis.Redis, backend: TrainingBackend,
-                 metrics: TrainerMetrics) -> None:
+                 metrics: TrainerMetrics, teacher: Teacher | None = None,
+                 student_probe_tokens: list[str] | None = None) -> None:
         self.settings = settings
+        self.teacher = teacher
+        """Set in on-policy distillation (``opd``) mode."""
+        self._probe_tokens = student_probe_tokens
         self.redis = redis
         self.backend = backend
         self.metrics = metrics
@@ -81,12 +87,15 @@ class Trainer:
             return
         if self.settings.train_tenant and message.turn.tenant != self.settings.train_tenant:
             return
+        if self.teacher is not None and message.reward is None and _distillable(message):
+            # Distillation needs no reward: the teacher's logprobs are the signal.
+            message = message.model_copy(update={"reward": 0.0, "trainable": True})
         try:
             sample = to_sample(message, self.adapter)
         except NotTrainable as exc:
             self.metrics.samples.labels(str(exc)).inc()
             return
-        held_out = self.settings.gate_enabled and is_held_out(
+        held_out = self.gating and is_held_out(
             sample.turn_id, self.settings.gate_holdout_every)
         added = await self._buffer(
             keys=[self.holdout_key if held_out else self.buffer_key,
@@ -101,6 +110,8 @@ class Trainer:
         """Resume, then train whenever a batch is ready, until ``stopping``."""
         checkpoint = await asyncio.to_thread(self.backend.start)
         await self._reconcile(checkpoint)
+        if self.teacher is not None and self._probe_tokens is not None:
+            await self.teacher.check_tokenizer(self._probe_tokens)
         while not stopping.is_set():
             if self.version >= self.settings.max_steps:
                 break
@@ -144,8 +155,12 @@ class Trainer:
         """One optimisation step on ``batch``, committed with its weights event."""
         started = time.monotonic()
         ids = [s.turn_id for s in batch]
-        advs = advantages(batch)
-        datums = to_datums(batch, advs)
+        if self.teacher is not None:
+            datums, advs, kl = await self._distillation_datums(batch)
+            self.metrics.kl.set(kl)
+        else:
+            advs = advantages(batch)
+            datums = to_datums(batch, advs)
         if not datums:  # identical rewards: nothing to learn, and no step to pretend
             await self.redis.hdel(self.buffer_key, *ids)
             self.metrics.samples.labels("zero_advantage").inc(len(ids))
@@ -187,12 +202,35 @@ class Trainer:
         checkpoint = self.backend.save(name)
         return checkpoint, loss, result.metrics, candidate_lp
 
+    async def _distillation_datums(self, batch: list[Sample]
+                                   ) -> tuple[list[Datum], list[float], float]:
+        """Datums with per-token reverse-KL advantages from the teacher; the mean advantage
+        per sample; and the mean per-token KL estimate (student minus teacher logprob)."""
+        assert self.teacher is not None
+        teacher_lps = await asyncio.gather(*(self.teacher.logprobs([*s.prompt, *s.completion])
+                                             for s in batch))
+        datums, means, gaps = [], [], []
+        coef = self.settings.kl_penalty_coef
+        for sample, lps in zip(batch, teacher_lps, strict=True):
+            completion_lps = lps[-len(sample.completion):]
+            advs = opd_advantages(sample.logprobs, completion_lps, coef)
+            datums.append(Datum.from_sample(sample.prompt, sample.completion, sample.logprobs,
+                                            advs))
+            means.append(statistics.fmean(advs))
+            gaps += [s - t for s, t in zip(sample.logprobs, completion_lps, strict=True)]
+        return datums, means, statistics.fmean(gaps)
+
+    @property
+    def gating(self) -> bool:
+        """The gate runs in RL only: its replay score is built on rewards."""
+        return self.settings.gate_enabled and self.teacher is None
+
     # --- the gate -------------------------------------------------------------------------
 
     async def _gate_snapshot(self) -> Snapshot | None:
         """The held-out replay with the live policy's logprobs; built from the newest
         held-out turns while the backend's weights are the live ones."""
-        if not self.settings.gate_enabled:
+        if not self.gating:
             return None
         if self.snapshot is None and self.live_matches_backend:
             samples = await self._holdout()
@@ -257,3 +295,8 @@ class Trainer:
             if name in summary:
                 getattr(self.metrics, name).set(summary[name])
         log.info("trainer.step_committed", extra={"step": version, **summary})
+
+
+def _distillable(message: ScoredV1) -> bool:
+    turn = message.turn
+    return turn.completed and turn.turn_type == "main" and turn.sampled is not None
