@@ -19,22 +19,19 @@ from services.skill_miner.credit import comparable_without, retirement_evidence
 from services.skill_miner.metrics import MinerMetrics
 from services.skill_miner.proposals import InvalidAnswer, parse_answer
 from services.skill_miner.service import SkillMiner
-from services.skill_miner.similarity import (
-    embedding_similarity,
-    lexical_similarity,
-    skill_text,
-)
+from services.skill_miner.similarity import lexical_similarity, skill_text
 from services.skill_miner.trajectory import record_of
 from shared.keys import GROUP_SKILL_MINER, SCORED, SKILLS, Keys
 from shared.messages import ScoredV1, SkillEventV1, TurnV1, decode
 from shared.settings import Settings
+from shared.skill_index import embedding_available
 from shared.skills import Credit, Skill
 from tests.conftest import RedisServer, free_port
 from tests.fake_llm import FakeLLM
 from tests.service_proc import ServiceProcess
 
 TENANT = "acme"
-FILE_SKILL = {"name": "verify-file-paths", "category": "coding",
+FILE_SKILL: dict[str, Any] = {"name": "verify-file-paths", "category": "coding",
               "description": "Before answering questions about files, check that the paths "
                              "exist.",
               "body": "When the user names a file, confirm it exists before suggesting edits."}
@@ -130,7 +127,8 @@ def miner_process(redis_server: RedisServer, namespace: str, data_dir: Path, fak
         "REEF_WORKER_CLAIM_IDLE_MS": "1000", "REEF_ENABLE_SKILL_EVOLUTION": "true",
         "REEF_MINER_BASE_URL": fake.base_url, "REEF_MINER_MODEL": "miner-model",
         "REEF_MINER_TIMEOUT_SECONDS": "5", "REEF_AZURE_OPENAI_ENDPOINT": "",
-        "REEF_AZURE_OPENAI_DEPLOYMENT": "", **(env or {})}, data_dir, port, "/metrics")
+        "REEF_AZURE_OPENAI_DEPLOYMENT": "", "REEF_RETRIEVAL_MODE": "bm25", "HF_HUB_OFFLINE": "1",
+        **(env or {})}, data_dir, port, "/metrics")
 
 
 def publish(client: redis.Redis, namespace: str, *messages: ScoredV1) -> None:
@@ -149,9 +147,13 @@ def skills_of(client: redis.Redis, namespace: str, tenant: str = TENANT) -> list
 
 def test_failing_session_yields_a_candidate_skill(
         redis_server: RedisServer, namespace: str, tmp_path: Path, fake: FakeLLM) -> None:
-    fake.script = [answer(FILE_SKILL)]
-    proc = miner_process(redis_server, namespace, tmp_path, fake)
-    proc.start()
+    paraphrase = {**FILE_SKILL, "name": "check-file-paths-exist",
+                  "description": "Verify file paths exist before using them."}
+    fake.script = [answer(FILE_SKILL), answer(paraphrase)]
+    # Dedupe with the gateway's embedding model when installed (else lexical).
+    proc = miner_process(redis_server, namespace, tmp_path, fake,
+                         {"REEF_RETRIEVAL_MODE": "embedding"})
+    proc.start(timeout=60)
     try:
         client = redis_server.client()
         publish(client, namespace,
@@ -179,6 +181,16 @@ def test_failing_session_yields_a_candidate_skill(
         events = [decode(f) for _, f in client.xrange(Keys(namespace).stream(SKILLS))]
         assert [(e.action, e.skill_id) for e in events if isinstance(e, SkillEventV1)] == [
             ("created", skill.id)]
+        # A paraphrase from another session: merged by meaning when embeddings are there.
+        publish(client, namespace, scored("s2", 0, -1.0, follow_up="Wrong file again."))
+        wait_for(lambda: fake.calls == 2 and proc.metric("reef_skill_miner_proposals_total")
+                 == 2, what="the second proposal")
+        if embedding_available():
+            [merged] = skills_of(client, namespace)
+            assert (merged.id, merged.version, merged.reason) == (skill.id, 2, "merged")
+            assert merged.provenance.session_ids == ["s1", "s2"]
+        else:
+            assert len(skills_of(client, namespace)) == 2  # lexical: too different to merge
     finally:
         proc.stop()
 
@@ -519,21 +531,9 @@ def test_lexical_similarity() -> None:
     assert near >= 0.85 > reworded > 0.5 > 0.2 > other
 
 
-def test_embedding_similarity_merges_paraphrases() -> None:
-    skill_index = pytest.importorskip("shared.skill_index")
-    if not skill_index.embedding_available():
-        pytest.skip("the embedding extra is not installed")
-    similarity = embedding_similarity(skill_index.Embedder())
-    base = skill_text(FILE_SKILL["name"], FILE_SKILL["description"])
-    paraphrase, other = similarity(base, [
-        skill_text("check-file-paths-exist", "Verify file paths exist before using them."),
-        skill_text("answer-in-user-language", "Reply in the language the user wrote in.")])
-    assert paraphrase >= 0.85 > 0.2 > other
-
-
 def _skill(skill_id: str, category: str, status: str = "active", **credit: Any) -> Skill:
     return Skill(id=skill_id, tenant=TENANT, name=skill_id.replace("_", "-"), description="d",
-                 body="b", category=category, status=status,  # type: ignore[arg-type]
+                 body="b", category=category, status=status,
                  credit=Credit(**credit))
 
 

@@ -1,5 +1,6 @@
 """``python -m services.skill_miner``: one skill-miner process (run a few to scale out).
 
+Deduplication uses the gateway's embedding model when it is installed (``dedupe_similarity``).
 With ``enable_skill_evolution`` off it consumes nothing (``scored`` entries wait for a
 miner that is enabled) and only serves ``/metrics`` until SIGTERM, so a deployment can
 list the service and switch it on by configuration.
@@ -12,10 +13,12 @@ import logging
 
 from services.skill_miner.metrics import MinerMetrics
 from services.skill_miner.service import SkillMiner
+from services.skill_miner.similarity import Similarity, embedding_similarity, lexical_similarity
 from shared.keys import GROUP_SKILL_MINER, SCORED
 from shared.logs import setup_logging
 from shared.redis_client import connect
 from shared.settings import Settings
+from shared.skill_index import Embedder, embedding_available
 from shared.worker import Consumer, default_consumer_name, run_workers
 
 log = logging.getLogger("reef.skill_miner")
@@ -38,7 +41,8 @@ async def serve(settings: Settings) -> None:
             await client.aclose()
         return
     consumer = default_consumer_name()
-    miner = SkillMiner(settings, client, metrics, consumer=consumer)
+    similarity = await asyncio.to_thread(dedupe_similarity, settings)
+    miner = SkillMiner(settings, client, metrics, similarity=similarity, consumer=consumer)
     await miner.start()
     try:
         await run_workers(settings, [Consumer(SCORED, GROUP_SKILL_MINER, miner.on_scored)],
@@ -46,6 +50,16 @@ async def serve(settings: Settings) -> None:
     finally:
         await miner.close()
         await client.aclose()
+
+
+def dedupe_similarity(settings: Settings) -> Similarity:
+    """all-MiniLM-L6-v2 (the gateway's retrieval model, what ``skill_merge_similarity`` is
+    tuned for) when retrieval uses embeddings and the ``skills`` extra is installed; else
+    the lexical measure, which merges only near-identical wording."""
+    if settings.retrieval_mode == "embedding" and embedding_available():
+        return embedding_similarity(Embedder())
+    log.info("skill_miner.lexical_dedupe", extra={"retrieval_mode": settings.retrieval_mode})
+    return lexical_similarity
 
 
 def main() -> None:
