@@ -1,4 +1,4 @@
-"""Reef's benchmarks, one run: the gateway part and the scorer part (``bench.scorer``).
+"""Reef's benchmarks, one run: the gateway, scorer, trainer and hot-swap parts.
 
 Gateway: direct vs thin forwarder vs Reef's gateway vs LiteLLM.
 
@@ -11,8 +11,14 @@ as PASS/FAIL; the exit status does not depend on them).
 Scorer: turns/s per scorer process, implicit-only and with a 200 ms judge, 1 and 2
 processes (see ``bench/scorer.py``).
 
-Run: ``.venv/bin/python -m bench [--part all|gateway|scorer] [--seconds 10]
-[--systems direct,thin,gateway,litellm]``. Logs and ``results.json`` go to
+Trainer: one local LoRA step (``LocalBackend``) vs a plain peft loop on the same batch,
+s/step and peak RSS, each in its own process, steps alternating (``bench/trainer_step.py``).
+
+Hot swap: gateway latency percentiles while ``weights`` events make it load and switch
+adapters vs idle, interleaved windows (``bench/hot_swap.py``).
+
+Run: ``.venv/bin/python -m bench [--part all|gateway|scorer|trainer|hotswap]
+[--seconds 10] [--systems direct,thin,gateway,litellm]``. Logs and ``results.json`` go to
 ``var/bench/run-<time>/``. Traffic stays on 127.0.0.1.
 """
 
@@ -30,7 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
-from bench import report, scorer, systems
+from bench import hot_swap, report, scorer, systems, trainer_step
 from bench.loadgen import API_KEY, LoadGenError, WrkResult, ensure_wrk, run_wrk
 from bench.procs import Child, CpuPlan, StartError, own_cpu_seconds, system_busy_seconds
 from bench.report import Results, Row
@@ -40,13 +46,13 @@ REQUEST = {"model": "bench-model", "max_tokens": 32, "temperature": 0.7, "messag
     {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
     {"role": "user", "content": "Say hello to the benchmark in one short sentence."}]}
 TURNS_STREAM = "reef:stream:turns"
-PARTS = ("all", "gateway", "scorer")
+PARTS = ("all", "gateway", "scorer", "trainer", "hotswap")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=PARTS, default="all",
-                        help="which benchmark to run (default: both)")
+                        help="which benchmark to run (default: all of them)")
     parser.add_argument("--seconds", type=float, default=10.0, help="per measured row")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured, before each row")
     parser.add_argument("--connections", type=int, default=8)
@@ -60,6 +66,8 @@ def parse_args() -> argparse.Namespace:
                              "(default: all share the CPUs; pinning loses when other work "
                              "runs on the machine)")
     scorer.add_arguments(parser)
+    trainer_step.add_arguments(parser)
+    hot_swap.add_arguments(parser)
     args = parser.parse_args()
     unknown = set(args.systems.split(",")) - set(SYSTEMS)
     if unknown:
@@ -231,6 +239,10 @@ def main() -> None:
         run_gateway(args, log_dir)
     if args.part in ("all", "scorer"):
         scorer.run(args, log_dir / "scorer")
+    if args.part in ("all", "trainer"):
+        trainer_step.run(args, log_dir / "trainer")
+    if args.part in ("all", "hotswap"):
+        hot_swap.run(args, log_dir / "hotswap")
 
 
 def run_gateway(args: argparse.Namespace, log_dir: Path) -> None:

@@ -69,16 +69,17 @@ def thin_forwarder(log_dir: Path, cpus: frozenset[int] | None, upstream: str
 
 
 @contextmanager
-def reef_gateway(log_dir: Path, cpus: frozenset[int] | None, upstream: str, redis_url: str
-                 ) -> Iterator[Target]:
-    """Reef's gateway with auth, session tracking and recording to Redis."""
+def reef_gateway(log_dir: Path, cpus: frozenset[int] | None, upstream: str, redis_url: str,
+                 extra_env: dict[str, str] | None = None) -> Iterator[Target]:
+    """Reef's gateway with auth, session tracking and recording to Redis; ``extra_env``
+    adds or overrides ``REEF_*`` settings."""
     port = free_port()
     data_dir = log_dir / "gateway-data"
     data_dir.mkdir(exist_ok=True)
     env = {**os.environ, "REEF_PROFILE": "dev", "REEF_GATEWAY_HOST": "127.0.0.1",
            "REEF_GATEWAY_PORT": str(port), "REEF_UPSTREAM_BASE_URL": upstream,
            "REEF_REDIS_URL": redis_url, "REEF_API_KEYS": json.dumps({API_KEY: "bench"}),
-           "REEF_DATA_DIR": str(data_dir)}
+           "REEF_DATA_DIR": str(data_dir), **(extra_env or {})}
     argv = [sys.executable, "-m", "services.gateway"]
     probe = http_ok(f"http://127.0.0.1:{port}/healthz")
     with running("gateway", argv, log_dir, probe, cpus, env=env, cwd=ROOT) as child:
