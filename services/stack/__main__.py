@@ -1,7 +1,8 @@
 """``python -m services.stack demo|dev|chat``: Reef on this machine, no Docker needed.
 
 ``demo`` starts Redis (a private one when none is reachable), the embedded policy
-server and the gateway; sends a few conversations through the gateway with the official
+server and the gateway (with ``--loop`` also the scorer and the trainer, see
+``services/stack/launch.py``); sends a few conversations through the gateway with the official
 ``openai`` client; prints what was recorded; and stops everything. ``dev`` starts the
 same stack and leaves it running; ``chat`` talks to a running ``dev`` stack.
 """
@@ -9,8 +10,6 @@ same stack and leaves it running; ``chat`` talks to a running ``dev`` stack.
 from __future__ import annotations
 
 import argparse
-import json
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any, cast
 
 import openai
 
-from services.stack.procs import Stack, StackError, free_port, redis_reachable
+from services.stack.launch import StackInfo, start_stack
+from services.stack.procs import Stack, StackError
 from shared.keys import TURNS, Keys
 from shared.messages import TurnV1, decode
 from shared.settings import Settings, hash_api_key
@@ -32,36 +32,9 @@ STATE_FILE = "stack.json"
 """Where ``dev`` writes the gateway URL and key, for ``chat``."""
 
 
-def start_stack(settings: Settings, stack: Stack) -> dict[str, str]:
-    """Redis, policy server and gateway; returns how to reach the gateway."""
-    redis_url = settings.redis_url
-    if redis_reachable(redis_url):
-        print(f"redis    : using {redis_url}")
-    else:
-        redis_url = stack.start_redis()
-        print(f"redis    : started a private redis-server at {redis_url}")
-    policy_port, gateway_port = free_port(), free_port()
-    key = "sk-reef-local-" + secrets.token_hex(8)
-    common = {"REEF_PROFILE": "dev", "REEF_REDIS_URL": redis_url,
-              "REEF_DATA_DIR": str(settings.data_dir), "REEF_NAMESPACE": settings.namespace}
-    print("policy   : starting the embedded model (the first run converts it, ~1 min) ...")
-    stack.start_service("policy", {**common, "REEF_POLICY_PORT": str(policy_port)})
-    stack.wait_http("policy", f"http://127.0.0.1:{policy_port}/readyz", timeout=600)
-    stack.start_service("gateway", {
-        **common, "REEF_GATEWAY_PORT": str(gateway_port),
-        "REEF_UPSTREAM_BASE_URL": f"http://127.0.0.1:{policy_port}/v1",
-        "REEF_API_KEYS": json.dumps({key: "local"}),
-        "REEF_REQUEST_LOGPROBS": "true", "REEF_REQUEST_TOKEN_IDS": "true"})
-    gateway_url = f"http://127.0.0.1:{gateway_port}"
-    stack.wait_http("gateway", gateway_url + "/healthz", timeout=60)
-    print(f"gateway  : {gateway_url}/v1  (API key {key})")
-    return {"gateway_url": gateway_url, "api_key": key, "redis_url": redis_url,
-            "model": settings.model_name}
-
-
-def converse(info: dict[str, str], run_id: str) -> list[str]:
+def converse(info: StackInfo, run_id: str) -> list[str]:
     """Send the scripted conversations; returns their session ids."""
-    client = openai.OpenAI(base_url=info["gateway_url"] + "/v1", api_key=info["api_key"])
+    client = openai.OpenAI(base_url=info.gateway_url + "/v1", api_key=info.api_key)
     sessions = []
     for n, turns in enumerate(CONVERSATIONS):
         session = f"demo-{run_id}-{n}"
@@ -74,7 +47,7 @@ def converse(info: dict[str, str], run_id: str) -> list[str]:
             print(f"\n[{session}] user: {text}\n[{session}] assistant: ", end="", flush=True)
             reply = ""
             for chunk in client.chat.completions.create(
-                    model=info["model"], messages=messages, stream=True, max_tokens=60,
+                    model=info.model, messages=messages, stream=True, max_tokens=60,
                     temperature=0.2, extra_headers=headers):
                 if chunk.choices and chunk.choices[0].delta.content:
                     reply += chunk.choices[0].delta.content
@@ -84,11 +57,11 @@ def converse(info: dict[str, str], run_id: str) -> list[str]:
     return sessions
 
 
-def show_recorded(settings: Settings, info: dict[str, str], sessions: list[str]) -> int:
+def show_recorded(settings: Settings, info: StackInfo, sessions: list[str]) -> int:
     """Print the turns of ``sessions`` found in the turns stream; returns how many."""
     import redis
 
-    client = redis.Redis.from_url(info["redis_url"])
+    client = redis.Redis.from_url(info.redis_url)
     stream = Keys(settings.namespace).stream(TURNS)
     wanted = set(sessions)
     deadline = time.monotonic() + 10
@@ -113,10 +86,10 @@ def show_recorded(settings: Settings, info: dict[str, str], sessions: list[str])
     return len(found)
 
 
-def demo(settings: Settings) -> int:
+def demo(settings: Settings, loop: bool) -> int:
     stack = Stack(settings.data_dir)
     try:
-        info = start_stack(settings, stack)
+        info = start_stack(settings, stack, learning=loop)
         sessions = converse(info, time.strftime("%H%M%S"))
         count = show_recorded(settings, info, sessions)
     except StackError as exc:
@@ -130,12 +103,12 @@ def demo(settings: Settings) -> int:
     return 0 if count == expected else 1
 
 
-def dev(settings: Settings) -> int:
+def dev(settings: Settings, loop: bool) -> int:
     stack = Stack(settings.data_dir)
     try:
-        info = start_stack(settings, stack)
+        info = start_stack(settings, stack, learning=loop)
         state = Path(settings.data_dir) / STATE_FILE
-        state.write_text(json.dumps(info))
+        state.write_text(info.to_json())
         print(f"\nReef is running. Talk to it: python -m services.stack chat   (state in {state})")
         print("Ctrl-C stops every service.")
         while all(p.poll() is None for p in stack.procs.values()):
@@ -151,13 +124,13 @@ def dev(settings: Settings) -> int:
         stack.close()
 
 
-def chat(settings: Settings) -> int:
+def chat(settings: Settings, _loop: bool) -> int:
     state = Path(settings.data_dir) / STATE_FILE
     if not state.is_file():
         print("no running stack: start one with `make dev`", file=sys.stderr)
         return 1
-    info = json.loads(state.read_text())
-    client = openai.OpenAI(base_url=info["gateway_url"] + "/v1", api_key=info["api_key"])
+    info = StackInfo.from_file(state)
+    client = openai.OpenAI(base_url=info.gateway_url + "/v1", api_key=info.api_key)
     session = f"chat-{time.strftime('%Y%m%d-%H%M%S')}"
     messages: list[Any] = []
     print(f"session {session}; an empty line ends it")
@@ -166,7 +139,7 @@ def chat(settings: Settings) -> int:
         reply = ""
         print("reef> ", end="", flush=True)
         for chunk in client.chat.completions.create(
-                model=info["model"], messages=messages, stream=True,
+                model=info.model, messages=messages, stream=True,
                 extra_headers={"X-Session-Id": session}):
             if chunk.choices and chunk.choices[0].delta.content:
                 reply += chunk.choices[0].delta.content
@@ -176,7 +149,7 @@ def chat(settings: Settings) -> int:
     return 0
 
 
-def hash_key(_: Settings) -> int:
+def hash_key(_: Settings, _loop: bool) -> int:
     """Print the stored form of an API key read from stdin (for REEF_API_KEYS)."""
     print(hash_api_key(sys.stdin.readline().strip()))
     return 0
@@ -186,9 +159,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="reef", description=__doc__)
     commands = {"demo": demo, "dev": dev, "chat": chat, "hash-key": hash_key}
     parser.add_argument("command", choices=list(commands))
+    parser.add_argument("--loop", action="store_true",
+                        help="also start the scorer and the trainer (the learning loop)")
     args = parser.parse_args()
     settings = Settings(profile="dev")
-    sys.exit(commands[args.command](settings))
+    sys.exit(commands[args.command](settings, args.loop))
 
 
 if __name__ == "__main__":
