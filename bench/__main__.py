@@ -1,4 +1,4 @@
-"""Reef's benchmarks, one run: the gateway, scorer, trainer and hot-swap parts.
+"""Reef's benchmarks, one run: the gateway, scorer, trainer, hot-swap and skills parts.
 
 Gateway: direct vs thin forwarder vs Reef's gateway vs LiteLLM.
 
@@ -17,7 +17,10 @@ s/step and peak RSS, each in its own process, steps alternating (``bench/trainer
 Hot swap: gateway latency percentiles while ``weights`` events make it load and switch
 adapters vs idle, interleaved windows (``bench/hot_swap.py``).
 
-Run: ``.venv/bin/python -m bench [--part all|gateway|scorer|trainer|hotswap]
+Skills: retrieval latency p50/p99 at 100, 1,000 and 10,000 skills, with and without the
+query embedding, and BM25 (``bench/skills.py``).
+
+Run: ``.venv/bin/python -m bench [--part all|gateway|scorer|trainer|hotswap|skills]
 [--seconds 10] [--systems direct,thin,gateway,litellm]``. Logs and ``results.json`` go to
 ``var/bench/run-<time>/``. Traffic stays on 127.0.0.1.
 """
@@ -36,7 +39,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
-from bench import hot_swap, report, scorer, systems, trainer_step
+from bench import hot_swap, report, scorer, skills, systems, trainer_step
 from bench.loadgen import API_KEY, LoadGenError, WrkResult, ensure_wrk, run_wrk
 from bench.procs import Child, CpuPlan, StartError, own_cpu_seconds, system_busy_seconds
 from bench.report import Results, Row
@@ -46,7 +49,7 @@ REQUEST = {"model": "bench-model", "max_tokens": 32, "temperature": 0.7, "messag
     {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
     {"role": "user", "content": "Say hello to the benchmark in one short sentence."}]}
 TURNS_STREAM = "reef:stream:turns"
-PARTS = ("all", "gateway", "scorer", "trainer", "hotswap")
+PARTS = ("all", "gateway", "scorer", "trainer", "hotswap", "skills")
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,6 +71,7 @@ def parse_args() -> argparse.Namespace:
     scorer.add_arguments(parser)
     trainer_step.add_arguments(parser)
     hot_swap.add_arguments(parser)
+    skills.add_arguments(parser)
     args = parser.parse_args()
     unknown = set(args.systems.split(",")) - set(SYSTEMS)
     if unknown:
@@ -243,6 +247,8 @@ def main() -> None:
         trainer_step.run(args, log_dir / "trainer")
     if args.part in ("all", "hotswap"):
         hot_swap.run(args, log_dir / "hotswap")
+    if args.part in ("all", "skills"):
+        skills.run(args, log_dir / "skills")
 
 
 def run_gateway(args: argparse.Namespace, log_dir: Path) -> None:

@@ -165,7 +165,12 @@ class SkillInjector:
         last = await self._retry(self._last_id)  # events after this are applied below
         index = await self._open_index()
         for tenant in await self._retry(self._store.tenants):
-            skills = await self._retry(partial(self._store.list, tenant, "active"))
+            try:
+                skills = await self._retry(partial(self._store.list, tenant, "active"))
+            except ValueError as exc:  # a skill that does not validate: skip the tenant
+                log.warning("gateway.skills_unreadable", extra={"tenant": tenant,
+                                                                "error": type(exc).__name__})
+                continue
             self._active[tenant] = {s.id: s for s in skills}
             await self._build(index, tenant)
         self.index = index
@@ -214,7 +219,12 @@ class SkillInjector:
         skills = self._active.setdefault(event.tenant, {})
         skill = None
         if event.action != "deleted":
-            skill = await self._retry(partial(self._store.get, event.tenant, event.skill_id))
+            try:
+                skill = await self._retry(partial(self._store.get, event.tenant,
+                                                  event.skill_id))
+            except ValueError as exc:  # does not validate: treated as gone
+                log.warning("gateway.skills_unreadable", extra={"tenant": event.tenant,
+                                                                "error": type(exc).__name__})
         if skill is not None and skill.status == "active":
             skills[skill.id] = skill
         elif skills.pop(event.skill_id, None) is None:
