@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import openai
 
+from services.stack import rollback, skills_cli
 from services.stack.launch import StackInfo, start_stack
 from services.stack.procs import Stack, StackError
 from shared.keys import TURNS, Keys
@@ -155,13 +156,21 @@ def hash_key(_: Settings, _loop: bool) -> int:
     return 0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="reef", description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    # Commands with arguments of their own: `reef skills ...`, `reef rollback N`.
+    if argv and argv[0] == "skills":
+        sys.exit(skills_cli.main(argv[1:]))
+    if argv and argv[0] == "rollback":
+        sys.exit(rollback.main(argv[1:], Settings(profile="dev")))
+    parser = argparse.ArgumentParser(
+        prog="reef", description=__doc__,
+        epilog="also: reef skills --help (the skill library), reef rollback N")
     commands = {"demo": demo, "dev": dev, "chat": chat, "hash-key": hash_key}
     parser.add_argument("command", choices=list(commands))
     parser.add_argument("--loop", action="store_true",
                         help="also start the scorer and the trainer (the learning loop)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     settings = Settings(profile="dev")
     sys.exit(commands[args.command](settings, args.loop))
 
