@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.fake_upstream import FakeUpstream
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
@@ -79,3 +81,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def namespace() -> str:
     """A namespace of its own for each test, instead of wiping Redis between tests."""
     return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    """A fake OpenAI-compatible upstream over real HTTP, one per test module."""
+    server = FakeUpstream(free_port())
+    server.start()
+    yield server
+    server.stop()

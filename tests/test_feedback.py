@@ -15,20 +15,12 @@ import pytest
 import redis
 
 from shared.keys import Keys
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_proc import API_KEY, OTHER_KEY, GatewayProcess
 
 NAMESPACE = "fbtest"
 KEYS = Keys(NAMESPACE)
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    server = FakeUpstream(free_port())
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import openai
 import pytest
@@ -13,18 +12,10 @@ from services.stack.rollback import RollbackError, rollback
 from shared.keys import WEIGHTS, Keys
 from shared.messages import WeightsEventV1
 from shared.settings import Settings
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_proc import API_KEY, GatewayProcess
 from tests.test_gateway import wait_turn
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    server = FakeUpstream(free_port())
-    server.start()
-    yield server
-    server.stop()
 
 
 def publish(client: redis.Redis, namespace: str, version: int, path: str = "/ckpt") -> None:

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from shared.keys import Keys
 from shared.skill_store import SkillStore
 from shared.skills import Skill, SkillStatus
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_proc import API_KEY, OTHER_KEY, GatewayProcess
 from tests.test_gateway import wait_turn
@@ -54,14 +54,6 @@ def create(url: str, tenant: str, name: str, description: str, body: str,
 
 def set_status(url: str, tenant: str, skill_id: str, status: SkillStatus) -> None:
     store_call(url, NS, lambda s: s.set_status(tenant, skill_id, status, "test"))
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    server = FakeUpstream(free_port())
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -27,14 +27,6 @@ ADMIN_KEY = "sk-admin-test-key-1234"
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    server = FakeUpstream(free_port())
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def gateway(redis_server: RedisServer, upstream: FakeUpstream,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     gw = GatewayProcess(redis_server.url, upstream.base_url, NAMESPACE,
