@@ -105,10 +105,13 @@ class LoopDriver:
         inflight = cast(bytes | None, self._redis.hget(self._state, "inflight"))
         return length - (len(orjson.loads(inflight)["ids"]) if inflight else 0)
 
-    async def wait_pending_below(self, samples: int, timeout: float) -> None:
-        """Wait until fewer than ``samples`` wait for a step (beyond the one in flight)."""
+    async def wait_for_room(self, samples: int, target: int, timeout: float) -> None:
+        """Wait until fewer than ``samples`` wait for a step (beyond the one in flight),
+        or the trainer has committed ``target`` steps (it may stop there: max_steps)."""
         deadline = time.monotonic() + timeout
         while (waiting := await asyncio.to_thread(self.pending)) >= samples:
+            if await asyncio.to_thread(self.steps) >= target:
+                return
             if time.monotonic() > deadline:
                 raise LoopStalled(f"{waiting} samples still wait for the trainer after "
                                   f"{timeout:.0f}s (trainer log: <data_dir>/logs/trainer.log)")
@@ -144,7 +147,7 @@ class LoopDriver:
         base_events = len(self.weights_events())
         target = await asyncio.to_thread(self.steps) + steps
         for r in range(max_rounds if max_rounds is not None else 3 * steps):
-            await self.wait_pending_below(max(1, lag) * self.batch_size, round_timeout)
+            await self.wait_for_room(max(1, lag) * self.batch_size, target, round_timeout)
             if await asyncio.to_thread(self.steps) >= target:
                 break
             chosen = [prompts[(r * prompts_per_round + i) % len(prompts)]
