@@ -20,7 +20,11 @@ adapters vs idle, interleaved windows (``bench/hot_swap.py``).
 Skills: retrieval latency p50/p99 at 100, 1,000 and 10,000 skills, with and without the
 query embedding, and BM25 (``bench/skills.py``).
 
-Run: ``.venv/bin/python -m bench [--part all|gateway|scorer|trainer|hotswap|skills]
+Learning: the whole local loop (policy, gateway, scorer, trainer) taught by a scripted
+user; mean reward per round over 30+ steps, a table and a PNG plot (``bench/learning.py``;
+10-30 minutes on 2 cores).
+
+Run: ``.venv/bin/python -m bench [--part all|gateway|scorer|trainer|hotswap|skills|learning]
 [--seconds 10] [--systems direct,thin,gateway,litellm]``. Logs and ``results.json`` go to
 ``var/bench/run-<time>/``. Traffic stays on 127.0.0.1.
 """
@@ -39,7 +43,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
-from bench import hot_swap, report, scorer, skills, systems, trainer_step
+from bench import hot_swap, learning, report, scorer, skills, systems, trainer_step
 from bench.loadgen import API_KEY, LoadGenError, WrkResult, ensure_wrk, run_wrk
 from bench.procs import Child, CpuPlan, StartError, own_cpu_seconds, system_busy_seconds
 from bench.report import Results, Row
@@ -49,7 +53,7 @@ REQUEST = {"model": "bench-model", "max_tokens": 32, "temperature": 0.7, "messag
     {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
     {"role": "user", "content": "Say hello to the benchmark in one short sentence."}]}
 TURNS_STREAM = "reef:stream:turns"
-PARTS = ("all", "gateway", "scorer", "trainer", "hotswap", "skills")
+PARTS = ("all", "gateway", "scorer", "trainer", "hotswap", "skills", "learning")
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,6 +76,7 @@ def parse_args() -> argparse.Namespace:
     trainer_step.add_arguments(parser)
     hot_swap.add_arguments(parser)
     skills.add_arguments(parser)
+    learning.add_arguments(parser)
     args = parser.parse_args()
     unknown = set(args.systems.split(",")) - set(SYSTEMS)
     if unknown:
@@ -249,6 +254,8 @@ def main() -> None:
         hot_swap.run(args, log_dir / "hotswap")
     if args.part in ("all", "skills"):
         skills.run(args, log_dir / "skills")
+    if args.part in ("all", "learning"):
+        learning.run(args, log_dir / "learning")
 
 
 def run_gateway(args: argparse.Namespace, log_dir: Path) -> None:

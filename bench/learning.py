@@ -1,0 +1,201 @@
+"""Learning curve: mean reward per step of the whole local loop on the scripted preference.
+
+The stack runs as local processes (Redis, policy server, gateway, scorer, trainer; see
+``services/stack/launch.py``). The scripted user (``services/stack/scripted.py``) asks the
+training questions through the gateway and answers each reply with thanks or a correction;
+the scorer turns those into rewards, the trainer takes a step per 16 of them and the
+gateway swaps each new adapter in. Held-out questions are evaluated (seeded samples, no
+feedback) before the first step and after the last.
+
+The table has one row per round of 16 conversations: the adapter version that answered
+most of them, the scripted user's mean reward, how many met the preference, stayed on
+topic, and the mean answer length; and the trainer's steps committed by then. The plot
+(``learning.png``) and ``learning.json`` go to the run's folder under ``var/bench/``.
+
+Run: ``python -m bench --part learning [--learning-steps 32] [--learning-rate 5e-4]``
+(or ``python -m bench.learning`` with the same options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from services.stack.drive import LoopDriver, TrainingLog
+from services.stack.launch import share_models, start_stack
+from services.stack.procs import Stack
+from services.stack.scripted import (
+    HELDOUT_PROMPTS,
+    TRAIN_PROMPTS,
+    Evaluation,
+    Outcome,
+    Preference,
+    ScriptedUser,
+)
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("learning part")
+    group.add_argument("--learning-steps", type=int, default=32, help="trainer steps")
+    group.add_argument("--learning-rate", default="1e-3", help="the trainer's")
+    group.add_argument("--learning-max-words", type=int, default=12, help="the scripted preference")
+    group.add_argument("--learning-max-tokens", type=int, default=32, help="per training answer")
+    group.add_argument("--learning-temperature", type=float, default=0.7)
+    group.add_argument("--learning-eval-samples", type=int, default=3,
+                       help="seeded samples per held-out prompt, before and after")
+    group.add_argument("--learning-mode", default="rl",
+                       help="trainer mode (skills_only: no learning)")
+    group.add_argument("--learning-gate", action=argparse.BooleanOptionalAction, default=True,
+                       help="the trainer's gate on new adapters")
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One round of training conversations, as the scripted user saw it."""
+
+    round: int
+    seconds: float
+    version: str
+    steps: int
+    mean_reward: float
+    hit_rate: float
+    on_topic: float
+    mean_words: float
+
+
+def round_row(index: int, outcomes: list[Outcome], log: TrainingLog, started: float
+              ) -> RoundRow:
+    versions = [o.version for o in outcomes]
+    return RoundRow(
+        round=index, seconds=time.monotonic() - started,
+        version=max(set(versions), key=versions.count), steps=log.committed,
+        mean_reward=statistics.fmean(o.verdict.reward for o in outcomes),
+        hit_rate=statistics.fmean(1.0 if o.verdict.ok else 0.0 for o in outcomes),
+        on_topic=statistics.fmean(1.0 if o.verdict.on_topic else 0.0 for o in outcomes),
+        mean_words=statistics.fmean(o.verdict.words for o in outcomes))
+
+
+def print_row(row: RoundRow) -> None:
+    print(f"{row.round:>5} {row.seconds:>7.0f}s {row.version:>22} {row.steps:>5} "
+          f"{row.mean_reward:>+7.2f} {row.hit_rate:>6.0%} {row.on_topic:>6.0%} "
+          f"{row.mean_words:>6.1f}", flush=True)
+
+
+def plot(rows: list[RoundRow], before: Evaluation, after: Evaluation, path: Path,
+         title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, reward_axis = plt.subplots(figsize=(8, 4.5))
+    steps = [r.steps for r in rows]
+    reward_axis.plot(steps, [r.mean_reward for r in rows], marker="o", label="training rounds")
+    last = max(steps) if steps else 0
+    reward_axis.scatter([0, last], [before.mean_reward, after.mean_reward], color="red",
+                        zorder=3, label="held-out (before / after)")
+    reward_axis.set_xlabel("trainer steps committed")
+    reward_axis.set_ylabel("mean reward (scripted user)")
+    reward_axis.set_ylim(-1.05, 1.05)
+    words_axis = reward_axis.twinx()
+    words_axis.plot(steps, [r.mean_words for r in rows], color="gray", linestyle="--",
+                    label="mean words")
+    words_axis.set_ylabel("mean words per answer")
+    handles = reward_axis.get_legend_handles_labels()
+    more = words_axis.get_legend_handles_labels()
+    reward_axis.legend(handles[0] + more[0], handles[1] + more[1], loc="lower right")
+    reward_axis.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+async def drive(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
+    # A fresh data dir (fresh adapter, logs of this run) that shares the converted model.
+    data_dir = out_dir / "data"
+    share_models(ROOT / "var", data_dir)
+    settings = Settings(profile="dev", data_dir=data_dir,
+                        namespace="bench-learn-" + uuid.uuid4().hex[:6])
+    env = {"REEF_LEARNING_RATE": str(args.learning_rate),
+           "REEF_MAX_STEPS": str(args.learning_steps), "REEF_MODE": args.learning_mode,
+           "REEF_GATE_ENABLED": str(args.learning_gate).lower()}
+    stack = Stack(data_dir)
+    try:
+        info = start_stack(settings, stack, learning=True, env=env)
+        user = ScriptedUser(info.gateway_url, info.api_key, info.model,
+                            preference=Preference(args.learning_max_words),
+                            max_tokens=args.learning_max_tokens,
+                            temperature=args.learning_temperature)
+        driver = LoopDriver(info, user, adapter=settings.adapter_name)
+        try:
+            return await _measure(args, driver, user, out_dir)
+        finally:
+            driver.close()
+            await user.close()
+    finally:
+        stack.close()
+
+
+async def _measure(args: argparse.Namespace, driver: LoopDriver, user: ScriptedUser,
+                   out_dir: Path) -> dict[str, object]:
+    before = await user.evaluate(HELDOUT_PROMPTS, args.learning_eval_samples, tag="before",
+                                 temperature=args.learning_temperature)
+    print(f"held-out before: {before.summary()}", flush=True)
+    print(f"\n{'round':>5} {'time':>8} {'answered by':>22} {'steps':>5} {'reward':>7} "
+          f"{'meets':>6} {'topic':>6} {'words':>6}", flush=True)
+    rows: list[RoundRow] = []
+    started = time.monotonic()
+
+    def on_round(index: int, outcomes: list[Outcome], log: TrainingLog) -> None:
+        rows.append(round_row(index, outcomes, log, started))
+        print_row(rows[-1])
+
+    log = await driver.train(TRAIN_PROMPTS, steps=args.learning_steps, on_round=on_round,
+                             max_rounds=args.learning_steps * 2)
+    final = log.steps[-1].version if log.steps else 0  # the newest published adapter
+    if final:
+        await driver.wait_live(final, timeout=120)
+    after = await user.evaluate(HELDOUT_PROMPTS, args.learning_eval_samples, tag="after",
+                                temperature=args.learning_temperature)
+    print(f"\nheld-out before: {before.summary()}\nheld-out after : {after.summary()}")
+    print(f"{log.committed} steps ({len(log.steps)} published) in {log.seconds:.0f}s "
+          "of training")
+    title = (f"SmolLM2-135M, scripted preference: <= {args.learning_max_words} words, on topic "
+             f"(lr {args.learning_rate})")
+    plot(rows, before, after, out_dir / "learning.png", title)
+    result: dict[str, object] = {"args": vars(args), "rounds": [asdict(r) for r in rows],
+              "steps": [asdict(s) for s in log.steps],
+              "before": {"mean_reward": before.mean_reward, "summary": before.summary()},
+              "after": {"mean_reward": after.mean_reward, "summary": after.summary()}}
+    (out_dir / "learning.json").write_text(json.dumps(result, indent=1))
+    print(f"plot: {out_dir / 'learning.png'}")
+    return result
+
+
+def run(args: argparse.Namespace, out_dir: Path) -> None:
+    """The learning part of ``python -m bench``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"reef learning curve: {args.learning_steps} steps, lr {args.learning_rate}, "
+          f"preference <= {args.learning_max_words} words on topic; service logs in "
+          f"{out_dir / 'data' / 'logs'}", flush=True)
+    asyncio.run(drive(args, out_dir))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.learning", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args()
+    run(args, ROOT / "var" / "bench" / time.strftime("learning-%Y%m%d-%H%M%S"))
+
+
+if __name__ == "__main__":
+    main()
