@@ -7,11 +7,12 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: help install install-system test lint bench demo dev up down clean
+.PHONY: help install install-system test test-e2e lint bench demo dev up down clean
 
 help:
 	@echo "make install  - create $(VENV) and install Reef with every extra (CPU torch)"
 	@echo "make test     - run the test suite (starts its own redis-server processes)"
+	@echo "make test-e2e - the whole learning loop on the real model (minutes)"
 	@echo "make lint     - ruff + mypy"
 	@echo "make bench    - gateway benchmark: direct vs Reef vs LiteLLM, side by side"
 	@echo "make demo     - run the whole loop locally on the embedded model"
@@ -35,6 +36,10 @@ install: $(PY) install-system
 
 test: $(PY)
 	$(PY) -m pytest -q
+
+# The whole learning loop on the real model (minutes): scripted user -> reward -> weights.
+test-e2e: $(PY)
+	REEF_E2E=1 $(PY) -m pytest -q tests/test_learning_e2e.py
 
 lint: $(PY)
 	$(VENV)/bin/ruff check .
