@@ -14,7 +14,7 @@ from ``base`` to ``reef-v<n>``.
 
 The test can fail: ``REEF_E2E_LEARNING_RATE=0`` (steps and swaps happen, the weights do
 not change) fails on the margin; ``REEF_E2E_MODE=skills_only`` (no steps) fails on the
-version. Takes ~5-8 minutes on 2 CPU cores.
+version. Takes ~7-9 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from tests.test_policy import policy_data_dir
 pytestmark = pytest.mark.slow
 _FIXTURES = (policy_data_dir,)
 
-STEPS = 6
+STEPS = 12
 """Trainer steps (each one batch of 16 conversations) before measuring again."""
 MARGIN = 0.25
 """Minimum rise of the held-out mean reward (rewards are +1 / -1)."""
