@@ -52,7 +52,7 @@ from redis.exceptions import RedisError
 from starlette.responses import Response
 
 from services.gateway.errors import APIError
-from services.gateway.request import parse_json
+from services.gateway.request import parse_json, read_limited
 from shared.keys import Keys
 from shared.settings import Settings, hash_api_key
 from shared.skill_files import SkillFile, SkillFileError, import_skills, parse_entry, render
@@ -153,15 +153,7 @@ def skill_json(skill: Skill) -> dict[str, Any]:
 
 async def _read_model(request: Request, model: type[M], optional: bool = False) -> M:
     """The JSON body as ``model``; a 400 naming the first bad field."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise APIError(413, f"Request body exceeds {MAX_BODY_BYTES} bytes.",
-                           code="request_too_large")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    raw = await read_limited(request.stream(), MAX_BODY_BYTES)
     data: dict[str, Any] = {} if optional and not raw.strip() else parse_json(raw)
     try:
         return model.model_validate(data)

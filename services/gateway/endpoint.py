@@ -16,7 +16,7 @@ from services.gateway.auth import Authenticator
 from services.gateway.chat import ChatHandler, Reply
 from services.gateway.errors import APIError, error_body
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.request import parse_json, read_chat_request
+from services.gateway.request import parse_json, read_chat_request, too_large
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -38,7 +38,7 @@ async def read_body(receive: Receive, headers: dict[str, str], limit: int) -> by
     """The request body, or a 413 as soon as it is known to exceed ``limit`` bytes."""
     length = headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"Request body exceeds {limit} bytes.", code="request_too_large")
+        raise too_large(limit)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -48,8 +48,7 @@ async def read_body(receive: Receive, headers: dict[str, str], limit: int) -> by
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise APIError(413, f"Request body exceeds {limit} bytes.",
-                           code="request_too_large")
+            raise too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body"):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)

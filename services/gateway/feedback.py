@@ -50,7 +50,7 @@ from starlette.responses import Response
 
 from services.gateway.auth import Authenticator
 from services.gateway.errors import APIError
-from services.gateway.request import parse_json
+from services.gateway.request import parse_json, read_limited
 from shared.keys import Keys
 from shared.messages import new_id
 
@@ -124,19 +124,6 @@ def read_feedback(raw: bytes, header_session: str | None) -> FeedbackRequest:
     return req
 
 
-async def _read_body(request: Request) -> bytes:
-    """The body, or a 413 once it passes ``MAX_BODY_BYTES``."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise APIError(413, f"Request body exceeds {MAX_BODY_BYTES} bytes.",
-                           code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 class FeedbackHandler:
     """Handles ``POST /v1/feedback``: authenticate, check, store under the caller's tenant."""
 
@@ -149,7 +136,8 @@ class FeedbackHandler:
 
     async def __call__(self, request: Request) -> Response:
         caller = self._auth(request.headers)
-        req = read_feedback(await _read_body(request), request.headers.get("x-session-id"))
+        raw = await read_limited(request.stream(), MAX_BODY_BYTES)
+        req = read_feedback(raw, request.headers.get("x-session-id"))
         feedback_id = "fb-" + new_id()
         target = req.target()
         score = req.value()

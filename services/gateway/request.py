@@ -8,7 +8,7 @@ field it does not know untouched for the upstream.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, MutableMapping
+from collections.abc import AsyncIterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,23 @@ class ChatRequest:
     wants_usage: bool
     changed: bool
     """Whether ``body`` differs from what the client sent (else the raw bytes are sent)."""
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"Request body exceeds {limit} bytes.", code="request_too_large")
+
+
+async def read_limited(chunks: AsyncIterable[bytes], limit: int) -> bytes:
+    """A body read from ``chunks`` (e.g. Starlette's ``request.stream()``), or a 413 as
+    soon as it grows past ``limit`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
