@@ -24,22 +24,20 @@ Routes: ``POST /v1/chat/completions`` (``Authorization: Bearer <bearer>`` checke
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from typing import Any
 
 import orjson
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from services.scorer import prompts
+from tests.threaded_server import ThreadedServer
 
 CORRECTION_WORDS = ("wrong", "incorrect", "not what", "doesn't work")
 THANKS_WORDS = ("thank",)
-
 
 class FakeJudge:
     """The server, its knobs and what it saw."""
@@ -56,10 +54,8 @@ class FakeJudge:
             Route("/openai/deployments/{deployment}/chat/completions", self._azure,
                   methods=["POST"]),
         ])
-        self._server = uvicorn.Server(uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-            backlog=4096, timeout_keep_alive=30, timeout_graceful_shutdown=1))
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._http = ThreadedServer(app, port, "fake judge", backlog=4096,
+                                    timeout_keep_alive=30)
 
     def reset(self) -> None:
         """Back to the default behaviour, counters at zero."""
@@ -88,16 +84,10 @@ class FakeJudge:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("fake judge did not start")
-            time.sleep(0.01)
+        self._http.start()
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(5)
+        self._http.stop()
 
     async def _openai(self, request: Request) -> Response:
         if self.bearer is not None and (request.headers.get("authorization")

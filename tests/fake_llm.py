@@ -16,16 +16,16 @@ endpoint without JSON mode. Every request body is kept in ``requests``.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from typing import Any
 
 import orjson
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from tests.threaded_server import ThreadedServer
 
 
 class FakeLLM:
@@ -41,10 +41,7 @@ class FakeLLM:
             Route("/openai/deployments/{deployment}/chat/completions", self._azure,
                   methods=["POST"]),
         ])
-        self._server = uvicorn.Server(uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-            timeout_graceful_shutdown=1))
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._http = ThreadedServer(app, port, "fake LLM")
 
     def reset(self) -> None:
         """No script, default behaviour, nothing seen."""
@@ -69,16 +66,10 @@ class FakeLLM:
         return len(self.requests)
 
     def start(self) -> None:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("fake LLM did not start")
-            time.sleep(0.01)
+        self._http.start()
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(5)
+        self._http.stop()
 
     async def _openai(self, request: Request) -> Response:
         return await self._answer(request)

@@ -10,14 +10,13 @@ received is kept in ``requests``; cancelled streams are counted in ``disconnects
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from typing import Any
 
 import orjson
-import uvicorn
 from fastapi import FastAPI, Request
 from starlette.responses import Response, StreamingResponse
+
+from tests.threaded_server import ThreadedServer
 
 TEXT_PIECES = ["Hello", ", this", " is", " Reef's", " fake", " upstream."]
 TOOL_CALL = {"id": "call_abc123", "type": "function",
@@ -32,7 +31,6 @@ def _chunk(rid: str, model: str, delta: dict[str, Any], finish: str | None = Non
                                      "created": 1, "model": model,
                                      "choices": [choice]}) + b"\n\n"
 
-
 class FakeUpstream:
     """The server and what it saw."""
 
@@ -44,25 +42,18 @@ class FakeUpstream:
         """Loaded LoRA adapters, name -> path (vLLM's dynamic LoRA endpoints)."""
         self.adapter_calls: list[tuple[str, str]] = []
         self.app = self._build()
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port,
-                                                     log_level="warning", access_log=False))
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._http = ThreadedServer(self.app, port, "fake upstream",
+                                    timeout_graceful_shutdown=None)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> None:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("fake upstream did not start")
-            time.sleep(0.01)
+        self._http.start()
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(5)
+        self._http.stop()
 
     def _build(self) -> FastAPI:
         app = FastAPI()
