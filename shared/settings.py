@@ -202,6 +202,10 @@ class Settings(BaseSettings):
     """BM25 score below which a skill is not injected (lexical fallback)."""
     skill_token_budget: int = 600
     """Most tokens (estimated) the injected skills block may add to a prompt."""
+    skill_always_categories: list[str] = ["preference"]
+    """Active skills of these categories go into every main turn of their tenant (before
+    the retrieved ones, within the same budget): standing preferences such as "answer in
+    at most 12 words" apply to any request, not only to requests that resemble them."""
     enable_skill_evolution: bool = False
     """Run the skill-miner: propose skills from sessions whose turns went wrong."""
     max_new_skills: int = 3
@@ -215,6 +219,9 @@ class Settings(BaseSettings):
     """Injections needed before a skill's credit can retire it."""
     skill_retire_margin: float = 0.2
     """Retire a skill whose mean reward with it is this far below comparable turns."""
+    miner_backend: Literal["llm", "corrections"] = "llm"
+    """``llm``: an LLM diagnoses failing sessions and proposes skills. ``corrections``: no
+    LLM; the instructions in the user's own corrections become preference skills."""
     miner_base_url: str = ""
     """OpenAI-compatible endpoint of the skill-evolution LLM (or the Azure settings)."""
     miner_api_key: SecretStr | None = None

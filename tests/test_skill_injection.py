@@ -141,6 +141,28 @@ def test_an_unrelated_request_gets_no_skills(
     assert injected_ids(redis_server, session) == []
 
 
+def test_a_preference_skill_goes_into_every_main_turn(
+        gateway: GatewayProcess, upstream: FakeUpstream, redis_server: RedisServer,
+        skills: dict[str, Skill]) -> None:
+    body = "PREF-MARKER: answer in at most 12 words."
+    pref = store_call(redis_server.url, NS, lambda s: s.create(
+        "alpha", name="answer-briefly", description="The user wants short answers.",
+        body=body, category="preference", status="active"))
+    try:
+        wait_for(lambda: gateway.metric("reef_gateway_skills_indexed") == 3)
+        session, system = ask(gateway, upstream, UNRELATED)  # resembles no skill
+        assert body in system and GIT_BODY not in system
+        assert injected_ids(redis_server, session) == [pref.id]
+        session, system = ask(gateway, upstream, GIT_QUERY)  # first, then the retrieved
+        assert system.index(body) < system.index(GIT_BODY)
+        assert injected_ids(redis_server, session) == [pref.id, skills["git"].id]
+        _, system = ask(gateway, upstream, UNRELATED, turn_type="side")
+        assert body not in system
+    finally:
+        set_status(redis_server.url, "alpha", pref.id, "retired")
+        wait_for(lambda: gateway.metric("reef_gateway_skills_indexed") == 2)
+
+
 def test_a_streamed_request_without_a_system_prompt_gets_one(
         gateway: GatewayProcess, upstream: FakeUpstream, redis_server: RedisServer,
         skills: dict[str, Skill]) -> None:

@@ -570,3 +570,45 @@ def test_trajectory_record_keeps_the_turns_own_request() -> None:
     record = record_of(message.model_copy(update={"turn": turn}))
     assert record.request == "tool: a.txt\nuser: now open it"
     assert record.follow_up == "user: wrong" and record.reward == -1.0
+
+
+# --- the offline proposer: the user's own corrections -------------------------------------
+
+def test_instructions_are_the_imperative_sentences_of_the_users_follow_up() -> None:
+    from services.skill_miner.corrections import instructions, skill_name
+
+    assert instructions("user: No, that's wrong: too long. Answer in at most 12 words.") == [
+        "Answer in at most 12 words."]
+    assert instructions("user: Please use metric units; and don't guess the year\n"
+                        "assistant: Use imperial.") == [
+        "Use metric units.", "Don't guess the year."]
+    assert instructions("user: Thanks, perfect!") == []
+    assert instructions("user: That is not what I asked for.") == []
+    assert skill_name("Answer in at most 12 words.") == "answer-in-at-most-12-words"
+
+
+async def test_corrections_backend_mines_a_preference_skill_without_an_llm(
+        redis_server: RedisServer, namespace: str, fake: FakeLLM,
+        aredis: aioredis.Redis) -> None:
+    settings = settings_for(redis_server, namespace, fake, miner_backend="corrections",
+                            miner_base_url="", skill_auto_promote=True)
+    miner = await make_miner(settings, aredis)
+    try:
+        correction = "No, that's wrong: too long. Answer in at most 12 words."
+        await miner.on_scored(scored("c1", 0, -1.0, follow_up=correction), "1-0")
+        [skill] = await miner.store.list(TENANT)
+        assert (skill.name, skill.category, skill.status) == (
+            "answer-in-at-most-12-words", "preference", "active")
+        assert "Answer in at most 12 words." in skill.body
+        # The same lesson from another failing session writes nothing new.
+        await miner.on_scored(scored("c2", 0, -1.0, follow_up=correction), "1-1")
+        [again] = await miner.store.list(TENANT)
+        assert again.version == skill.version == 1
+        assert sample(miner.metrics, "reef_skill_miner_proposals_total",
+                      outcome="unchanged") == 1
+        # A failure without an instruction in the follow-up proposes nothing.
+        await miner.on_scored(scored("c3", 0, -1.0, follow_up="Wrong."), "1-2")
+        assert len(await miner.store.list(TENANT)) == 1
+        assert fake.requests == []  # no LLM was asked
+    finally:
+        await miner.close()

@@ -5,7 +5,9 @@ Every gateway replica holds its own index (``shared.skill_index``) in memory. At
 loads the embedding model (in a thread, while serving: until then nothing is injected) and
 every tenant's active skills; then it follows the whole ``skills`` stream (no consumer
 group: every replica needs every event) and, per event, re-reads that one skill and
-re-indexes its tenant. Nothing on the request path waits on Redis.
+re-indexes its tenant. Nothing on the request path waits on Redis. Skills of the
+``skill_always_categories`` (standing preferences) go into every main turn of their tenant,
+ahead of the retrieved ones.
 
 The block is appended to the first system (or developer) message, or becomes the system
 message when there is none. Appending, not prepending, keeps the agent's own system prompt
@@ -120,6 +122,9 @@ class SkillInjector:
         """None until the model is loaded and the library read (nothing injected then)."""
         self._active: dict[str, dict[str, Skill]] = {}
         """Active skills by tenant and id, as last read from Redis."""
+        self._always_categories = frozenset(settings.skill_always_categories)
+        self._always: dict[str, tuple[Skill, ...]] = {}
+        """Active skills of ``skill_always_categories`` by tenant: in every main turn."""
         # One thread: queries are ~ms each, and torch runs one thread per forward pass.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="reef-skills")
         self._task: asyncio.Task[None] | None = None
@@ -142,6 +147,10 @@ class SkillInjector:
             log.warning("gateway.skill_retrieval_failed", extra={"error": type(exc).__name__})
             hits = []
         self._metrics.skill_retrieval_seconds.observe(time.perf_counter() - started)
+        always = self._always.get(tenant, ())
+        if always:  # standing preferences first; never twice
+            hits = [*(Hit(s, 1.0) for s in always),
+                    *(h for h in hits if h.skill.category not in self._always_categories)]
         chosen = fit_budget(hits, self._settings.skill_token_budget)
         self._metrics.skills_injected.observe(len(chosen))
         if not chosen:
@@ -233,6 +242,8 @@ class SkillInjector:
 
     async def _build(self, index: SkillIndex, tenant: str) -> None:
         skills = list(self._active.get(tenant, {}).values())
+        self._always[tenant] = tuple(sorted(
+            (s for s in skills if s.category in self._always_categories), key=lambda s: s.name))
         # Builds run one at a time (this task), so the index's vector cache has one writer.
         await asyncio.to_thread(index.build, tenant, skills)
         self._metrics.skills_indexed.set(index.size())

@@ -8,7 +8,8 @@
 3. *Dedupe/merge*: the proposal is compared with every skill of the tenant (any status).
    The same name, or a similarity >= ``skill_merge_similarity``, makes it a new version
    of that skill (reason ``merged``, provenance extended) - unless that skill was retired:
-   a retired skill hurt, so a near-copy of it is rejected (``rejected_retired``).
+   a retired skill hurt, so a near-copy of it is rejected (``rejected_retired``); a
+   proposal whose text equals the skill's changes nothing (``unchanged``).
 4. *Gate*: a new skill starts as ``candidate``, or ``active`` with ``skill_auto_promote``.
 
 Applying is idempotent per turn: a skill whose provenance already names the turn was
@@ -27,6 +28,7 @@ from services.skill_miner.metrics import (
     OUTCOME_MERGED,
     OUTCOME_REJECTED_INVALID,
     OUTCOME_REJECTED_RETIRED,
+    OUTCOME_UNCHANGED,
     MinerMetrics,
 )
 from services.skill_miner.proposals import SkillProposal
@@ -117,6 +119,8 @@ class Curator:
                         extra={**origin.log_fields(), "reason": "retired",
                                "skill_id": target.id})
             return OUTCOME_REJECTED_RETIRED
+        if (proposal.description, proposal.body) == (target.description, target.body):
+            return OUTCOME_UNCHANGED  # the same lesson again: no new version
         skill = await self._store.update(
             origin.tenant, target.id, description=proposal.description, body=proposal.body,
             reason=MERGED_REASON, provenance=origin.provenance())

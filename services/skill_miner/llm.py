@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Protocol
 
 from services.skill_miner import prompts
 from services.skill_miner.metrics import MinerMetrics
 from services.skill_miner.proposals import InvalidAnswer, MinerAnswer, parse_answer
+from services.skill_miner.trajectory import TurnRecord
 from shared.llm_client import Completion, Endpoint, LLMCallError, LLMClient
 from shared.settings import ConfigError, Settings
+from shared.skills import Skill
 
 log = logging.getLogger("reef.skill_miner")
 
@@ -67,10 +70,12 @@ class ProposalLLM:
     async def close(self) -> None:
         await self._client.close()
 
-    async def propose(self, messages: list[dict[str, str]], max_skills: int
-                      ) -> MinerAnswer | None:
-        """The validated answer, or None when it was invalid twice; raises
+    async def propose(self, session: list[TurnRecord], failing: TurnRecord,
+                      existing: list[Skill], max_skills: int) -> MinerAnswer | None:
+        """The validated answer for ``failing`` (the last of ``session``, shown with the
+        ``existing`` skills it might improve), or None when it was invalid twice; raises
         ``LLMCallError`` when a call fails."""
+        messages = prompts.proposal_messages(session, failing, existing, max_skills)
         reply = await self._call(messages)
         try:
             return parse_answer(reply, max_skills)
@@ -111,3 +116,24 @@ class ProposalLLM:
                 log.info("skill_miner.json_mode_refused", extra={"status": exc.status})
         return await self._client.complete(messages, max_tokens=MAX_TOKENS,
                                            temperature=TEMPERATURE)
+
+
+class Proposer(Protocol):
+    """What the miner asks for proposals: the LLM (:class:`ProposalLLM`), or the offline
+    ``services.skill_miner.corrections.CorrectionsProposer``."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def propose(self, session: list[TurnRecord], failing: TurnRecord,
+                      existing: list[Skill], max_skills: int) -> MinerAnswer | None: ...
+
+
+def build_proposer(settings: Settings, metrics: MinerMetrics) -> Proposer:
+    """The proposer ``miner_backend`` names."""
+    if settings.miner_backend == "corrections":
+        from services.skill_miner.corrections import CorrectionsProposer
+
+        return CorrectionsProposer()
+    return ProposalLLM(settings, metrics)

@@ -31,7 +31,7 @@ from services.skill_miner import prompts
 from services.skill_miner.credit import comparable_without, retirement_evidence
 from services.skill_miner.curate import Curator, Origin
 from services.skill_miner.lease import Lease
-from services.skill_miner.llm import ProposalLLM
+from services.skill_miner.llm import Proposer, build_proposer
 from services.skill_miner.metrics import OUTCOME_INVALID, MinerMetrics
 from services.skill_miner.proposals import MinerAnswer
 from services.skill_miner.similarity import Similarity, lexical_similarity, text_of
@@ -54,7 +54,7 @@ class SkillMiner:
     """The ``scored`` handler and what it needs; one per miner process."""
 
     def __init__(self, settings: Settings, redis: aioredis.Redis, metrics: MinerMetrics, *,
-                 llm: ProposalLLM | None = None, similarity: Similarity = lexical_similarity,
+                 llm: Proposer | None = None, similarity: Similarity = lexical_similarity,
                  consumer: str | None = None) -> None:
         """``llm`` None builds one from the settings; ``similarity`` is the dedupe measure
         (lexical by default; pass an embedding one to dedupe paraphrases); ``consumer`` is
@@ -64,7 +64,7 @@ class SkillMiner:
         self.keys = Keys(settings.namespace)
         self.metrics = metrics
         self.store = SkillStore(redis, self.keys, settings.stream_maxlen)
-        self.llm = llm if llm is not None else ProposalLLM(settings, metrics)
+        self.llm = llm if llm is not None else build_proposer(settings, metrics)
         self.trajectories = Trajectories(redis, self.keys)
         self.similarity = similarity
         self.curator = Curator(self.store, metrics, similarity, settings.skill_merge_similarity,
@@ -183,11 +183,9 @@ class SkillMiner:
         if not any(r.turn_id == failing.turn_id for r in turns):
             turns.append(failing)  # trimmed already (a very late redelivery)
         existing = await self._relevant_skills(turn.tenant, failing)
-        messages = prompts.proposal_messages(turns, failing, existing,
-                                             self.settings.max_new_skills)
         log.info("skill_miner.mining", extra={"tenant": turn.tenant, "turn_id": turn.id,
                                               "turns": len(turns)})
-        return await self.llm.propose(messages, self.settings.max_new_skills)
+        return await self.llm.propose(turns, failing, existing, self.settings.max_new_skills)
 
     async def _relevant_skills(self, tenant: str, failing: TurnRecord) -> list[Skill]:
         """The tenant's live skills most similar to the failing turn, for the prompt (so
