@@ -23,9 +23,11 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# System packages the tests need (redis-server); only installed when missing.
+# System packages the tests need (redis-server; chromium + chromedriver for the dashboard
+# page test); only installed when missing.
 install-system:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
 
 install: $(PY) install-system
 	# torch first and pinned: 2.13.0 is the CPU build on local disk; a bare `torch` pulls CUDA.

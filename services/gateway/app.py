@@ -20,6 +20,7 @@ from services.gateway.adapters import AdapterRouter
 from services.gateway.admin import add_admin_routes
 from services.gateway.auth import Authenticator
 from services.gateway.chat import ChatHandler
+from services.gateway.dashboard import add_dashboard_routes
 from services.gateway.endpoint import ASGIApp, ChatEndpoint, dispatch
 from services.gateway.errors import APIError, error_response, upstream_error
 from services.gateway.feedback import FEEDBACK_PATH, FeedbackHandler
@@ -90,6 +91,7 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> ASG
     _add_error_handlers(app)
     _add_routes(app, gw)
     add_admin_routes(app, settings, gw.redis, gw.metrics.registry)
+    add_dashboard_routes(app, settings, gw.redis, gw.router)
     chat = ChatEndpoint(gw.auth, gw.chat, gw.metrics, settings.max_body_bytes,
                         settings.model_map)
     return dispatch(chat, app)
