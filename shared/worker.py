@@ -207,17 +207,23 @@ class StreamWorker:
         return bool(await self.redis.exists(self.done_key(message)))
 
     def mark_done(self, pipe: Pipeline, message: Message) -> None:
-        """Queue the "handled" marker in a handler's own MULTI, next to its effects."""
-        pipe.set(self.done_key(message), b"1", ex=self.settings.dedupe_ttl_seconds)
+        """Queue the "handled" marker in a handler's own MULTI, next to its effects. The
+        marker counts the acks after handling (dedupe keeps it at 1; the chaos suite reads
+        it to show that no message was handled twice)."""
+        key = self.done_key(message)
+        pipe.incr(key)
+        pipe.expire(key, self.settings.dedupe_ttl_seconds)
 
     async def refresh_gauges(self) -> None:
-        """Update the pending and lag gauges from XPENDING and XINFO GROUPS."""
+        """Update the pending, lag and dead-letter gauges (XPENDING, XINFO GROUPS, XLEN)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xpending(self.stream_key, self.group)
             pipe.xinfo_groups(self.stream_key)
-            summary, groups = await pipe.execute()
+            pipe.xlen(self.dead_key)
+            summary, groups, dead = await pipe.execute()
         labels = (self.stream, self.group)
         self.metrics.pending.labels(*labels).set(summary["pending"])
+        self.metrics.dead_letters.labels(self.stream).set(dead)
         for info in groups:
             if _text(info["name"]) == self.group and info.get("lag") is not None:
                 self.metrics.lag.labels(*labels).set(info["lag"])
