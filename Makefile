@@ -7,7 +7,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: help install install-system test test-e2e lint bench demo dev up down clean
+.PHONY: help install install-system test test-e2e lint bench chaos demo dev up down clean
 
 help:
 	@echo "make install  - create $(VENV) and install Reef with every extra (CPU torch)"
@@ -15,6 +15,7 @@ help:
 	@echo "make test-e2e - the whole learning loop on the real model (minutes)"
 	@echo "make lint     - ruff + mypy"
 	@echo "make bench    - gateway benchmark: direct vs Reef vs LiteLLM, side by side"
+	@echo "make chaos    - 5,000 turns under SIGKILLs, Redis restarts and upstream faults; nothing lost"
 	@echo "make demo     - run the whole loop locally on the embedded model"
 	@echo "make dev      - start the local stack and leave it running"
 	@echo "make up/down  - docker compose up -d / down"
@@ -51,6 +52,11 @@ lint: $(PY)
 
 bench: $(PY)
 	$(PY) -m bench
+
+# 5,000 turns while every service is SIGKILLed and restarted, Redis restarts and the
+# upstream fails; exits non-zero if an answered turn was lost or handled twice.
+chaos: $(PY)
+	$(PY) -m chaos
 
 demo: install
 	$(PY) -m services.stack demo

@@ -207,8 +207,12 @@ class StreamWorker:
         return bool(await self.redis.exists(self.done_key(message)))
 
     def mark_done(self, pipe: Pipeline, message: Message) -> None:
-        """Queue the "handled" marker in a handler's own MULTI, next to its effects."""
-        pipe.set(self.done_key(message), b"1", ex=self.settings.dedupe_ttl_seconds)
+        """Queue the "handled" marker in a handler's own MULTI, next to its effects. The
+        marker counts the acks after handling (dedupe keeps it at 1; the chaos suite reads
+        it to show that no message was handled twice)."""
+        key = self.done_key(message)
+        pipe.incr(key)
+        pipe.expire(key, self.settings.dedupe_ttl_seconds)
 
     async def refresh_gauges(self) -> None:
         """Update the pending, lag and dead-letter gauges (XPENDING, XINFO GROUPS, XLEN)."""

@@ -269,9 +269,10 @@ class Trainer:
             path=checkpoint.adapter_path, step=checkpoint.step, metrics=summary)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(self.buffer_key, *ids)
-            for turn_id in ids:
-                pipe.set(self.keys.trained(self.adapter, turn_id), b"1",
-                         ex=self.settings.dedupe_ttl_seconds)
+            for turn_id in ids:  # a count, not a flag: a turn trained twice would show
+                pipe.incr(self.keys.trained(self.adapter, turn_id))
+                pipe.expire(self.keys.trained(self.adapter, turn_id),
+                            self.settings.dedupe_ttl_seconds)
             pipe.hset(self.state_key, "step", version)
             pipe.hdel(self.state_key, "inflight")
             if publish:

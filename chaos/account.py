@@ -1,0 +1,201 @@
+"""After the load: wait for the pipeline to drain, then account for every answered turn.
+
+Where each fact is read from (all in Redis, nothing from the services' memory):
+
+- recorded: the ``turns`` stream (a ``turn.v1`` carries ``response_id``, the completion
+  id the client saw);
+- scored: the ``scored`` stream, counted by turn id (the scorer appends one entry per turn);
+- seen by the trainer / the skill-miner: the stream worker's "handled" marker of the group
+  (``Keys.handled(group, turn id)``; a ``scored.v1``'s id is its turn's id). It is set in
+  the same MULTI as the ack and counts the acks after handling, so 2 means handled twice;
+- trained: the trainer's per-turn marker (``Keys.trained``), a count of the steps that
+  trained the turn; mined: the skill-miner's ``mined`` marker;
+- dead-lettered: the ``<stream>:dead`` twins, with the reason and the group.
+
+An answered turn is *lost* when it is missing somewhere it must be and is not in a
+dead-letter stream instead; *duplicated* when it was recorded, scored, handled by a group
+or trained more than once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from shared.keys import (
+    FINALISED,
+    GROUP_JUDGE,
+    GROUP_SCORER,
+    GROUP_SKILL_MINER,
+    GROUP_TRAINER,
+    SCORED,
+    TURNS,
+    Keys,
+)
+
+GROUPS = ((TURNS, GROUP_SCORER), (FINALISED, GROUP_JUDGE), (SCORED, GROUP_SKILL_MINER),
+          (SCORED, GROUP_TRAINER))
+"""Every (stream, consumer group) the pipeline has; drained when none has work left."""
+CONSUMERS = {"trainer": GROUP_TRAINER, "skill-miner": GROUP_SKILL_MINER}
+"""The groups that must see every scored turn at most once (by process name)."""
+
+
+@dataclass
+class Accounting:
+    """The figures of one run."""
+
+    answered: int = 0
+    recorded: int = 0
+    scored: int = 0
+    seen: Counter[str] = field(default_factory=Counter)
+    """Answered turns handled by each consumer group (trainer, skill-miner)."""
+    trained: int = 0
+    mined: int = 0
+    dead_lettered: int = 0
+    dead_reasons: Counter[str] = field(default_factory=Counter)
+    lost: int = 0
+    lost_where: Counter[str] = field(default_factory=Counter)
+    duplicated: int = 0
+    duplicated_where: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def problem(self, kind: str, where: str, response_id: str) -> None:
+        if kind == "lost":
+            self.lost += 1
+            self.lost_where[where] += 1
+        else:
+            self.duplicated += 1
+            self.duplicated_where[where] += 1
+        if len(self.examples) < 10:
+            self.examples.append(f"{kind} ({where}): {response_id}")
+
+
+def drain(client: redis.Redis, keys: Keys, spool: Path, timeout: float,
+          quiet_checks: int = 3) -> bool:
+    """Wait until the gateway's spool is empty, no group has entries pending or unread,
+    and no session waits for finalisation, ``quiet_checks`` times in a row; False on
+    timeout."""
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while time.monotonic() < deadline:
+        quiet = quiet + 1 if _idle(client, keys, spool) else 0
+        if quiet >= quiet_checks:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _idle(client: redis.Redis, keys: Keys, spool: Path) -> bool:
+    if spool.exists() and spool.stat().st_size > 0:
+        return False
+    try:
+        for stream, group in GROUPS:
+            infos: Any = client.xinfo_groups(keys.stream(stream))
+            info = next((i for i in infos if _text(i["name"]) == group), None)
+            if info is None or info["pending"] or info.get("lag"):
+                return False
+        return not client.zcard(keys.idle_sessions())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def account(client: redis.Redis, keys: Keys, adapter: str, tenant: str,
+            answered: list[str]) -> Accounting:
+    """The figures for the turns answered (by completion id)."""
+    acc = Accounting(answered=len(answered))
+    turns = _turn_ids_by_response(client, keys)
+    scored = Counter(_turn_id(data, SCORED) for data, _ in _entries(client, keys.stream(SCORED)))
+    dead = _dead_letters(client, keys)
+    acc.dead_reasons = Counter(reason for _, reason in dead.values())
+    for rid in answered:
+        ids = turns.get(rid, [])
+        if not ids:
+            acc.problem("lost", "not recorded", rid)
+            continue
+        acc.recorded += 1
+        if len(ids) > 1:
+            acc.problem("duplicated", "recorded twice", rid)
+        _follow(client, keys, acc, rid, ids[0], scored[ids[0]], dead, adapter, tenant)
+    return acc
+
+
+def _follow(client: redis.Redis, keys: Keys, acc: Accounting, rid: str, turn_id: str,
+            times_scored: int, dead: dict[tuple[str, str], tuple[str, str]],
+            adapter: str, tenant: str) -> None:
+    """Account for one recorded turn downstream of the gateway."""
+    if times_scored == 0:
+        if (turn_id, GROUP_SCORER) in dead or (turn_id, GROUP_JUDGE) in dead:
+            acc.dead_lettered += 1
+        else:
+            acc.problem("lost", "recorded, never scored", rid)
+        return
+    acc.scored += 1
+    if times_scored > 1:
+        acc.problem("duplicated", "scored twice", rid)
+    for name, group in CONSUMERS.items():
+        seen = int(client.get(keys.handled(group, turn_id)) or 0)
+        if seen == 0 and (turn_id, group) in dead:
+            acc.dead_lettered += 1
+        elif seen == 0:
+            acc.problem("lost", f"scored, never seen by the {name}", rid)
+        else:
+            acc.seen[name] += 1
+            if seen > 1:
+                acc.problem("duplicated", f"seen {seen} times by the {name}", rid)
+    trained = int(client.get(keys.trained(adapter, turn_id)) or 0)
+    acc.trained += trained > 0
+    if trained > 1:
+        acc.problem("duplicated", f"trained {trained} times", rid)
+    acc.mined += bool(client.exists(keys.miner_done("mined", tenant, turn_id)))
+
+
+def _entries(client: redis.Redis, key: str) -> list[tuple[dict[str, Any], dict[bytes, bytes]]]:
+    """Every entry of a stream: its ``data`` parsed (``{}`` when it is not JSON), and its
+    fields."""
+    out: list[tuple[dict[str, Any], dict[bytes, bytes]]] = []
+    start = "-"
+    while True:
+        batch: Any = client.xrange(key, start, "+", count=1000)
+        for _entry_id, fields in batch:
+            try:
+                data = json.loads(fields.get(b"data", b"{}"))
+            except ValueError:
+                data = {}
+            out.append((data if isinstance(data, dict) else {}, fields))
+        if len(batch) < 1000:
+            return out
+        start = "(" + _text(batch[-1][0])
+
+
+def _turn_id(data: dict[str, Any], stream: str) -> str:
+    turn = data if stream == TURNS else data.get("turn") or {}
+    return str(turn.get("id", ""))
+
+
+def _turn_ids_by_response(client: redis.Redis, keys: Keys) -> dict[str, list[str]]:
+    by_response: dict[str, list[str]] = defaultdict(list)
+    for data, _ in _entries(client, keys.stream(TURNS)):
+        if data.get("response_id"):
+            by_response[data["response_id"]].append(str(data["id"]))
+    return by_response
+
+
+def _dead_letters(client: redis.Redis, keys: Keys) -> dict[tuple[str, str], tuple[str, str]]:
+    """(turn id, group) -> (stream, reason) for every dead letter of the pipeline."""
+    dead: dict[tuple[str, str], tuple[str, str]] = {}
+    for stream in (TURNS, FINALISED, SCORED):
+        for data, fields in _entries(client, keys.dead(stream)):
+            group = _text(fields.get(b"dead_group", b""))
+            reason = _text(fields.get(b"dead_reason", b""))
+            dead[(_turn_id(data, stream), group)] = (stream, reason.split(":", 1)[0])
+    return dead
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value

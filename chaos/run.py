@@ -1,0 +1,139 @@
+"""One chaos run: start the stack, drive the load while faults are injected, drain,
+account, stop. ``run(ChaosConfig(...))`` returns the report; ``python -m chaos`` prints it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from chaos.account import Accounting, account, drain
+from chaos.faults import KILLED, RESTARTED, Injector, plan
+from chaos.load import Load, LoadResult
+from chaos.stack import ADAPTER, API_KEY, MODEL, NAMESPACE, TENANT, Stack, StackConfig
+from shared.keys import Keys
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    """A run's size and faults."""
+
+    data_dir: Path
+    turns: int = 5000
+    faults_per_kind: int = 4
+    """SIGKILLs per process kind (gateway, each scorer, skill-miner, trainer) and Redis
+    restarts."""
+    concurrency: int = 8
+    """Sessions in flight at once."""
+    rate: float = 40.0
+    """Turns started per second (0: as fast as the gateway answers)."""
+    stream_share: float = 0.5
+    error_rate: float = 0.03
+    timeout_rate: float = 0.02
+    batch_size: int = 32
+    drain_timeout: float = 180.0
+    seed: int | None = None
+
+
+@dataclass
+class ChaosReport:
+    """What a run measured."""
+
+    load: LoadResult
+    accounting: Accounting
+    faults: Counter[str]
+    upstream_faults: dict[str, int]
+    drained: bool
+    wall_seconds: float
+    data_dir: str
+
+    @property
+    def ok(self) -> bool:
+        return self.drained and not self.accounting.lost and not self.accounting.duplicated
+
+    def render(self) -> str:
+        a, load = self.accounting, self.load
+        rows = [
+            ("turns sent", load.sent), ("answered", len(load.answered)),
+            ("  of them streamed", load.streamed), ("recorded", a.recorded),
+            ("scored", a.scored), ("seen by the trainer", a.seen["trainer"]),
+            ("trained", a.trained), ("seen by the skill-miner", a.seen["skill-miner"]),
+            ("mined", a.mined), ("dead-lettered", a.dead_lettered),
+            ("lost (target 0)", a.lost), ("duplicated (target 0)", a.duplicated)]
+        lines = ["", "chaos run: every answered turn accounted for", ""]
+        lines += [f"  {name:<26}{value:>8}" for name, value in rows]
+        lines += ["", "faults injected:"]
+        for name in sorted(self.faults):
+            lines.append(f"  {name:<26}{self.faults[name]:>8}")
+        for name in ("error_500", "timeout"):
+            lines.append(f"  {'upstream_' + name:<26}{self.upstream_faults.get(name, 0):>8}")
+        lines += ["", f"client errors: {dict(load.errors) or 'none'}"]
+        if a.dead_reasons:
+            lines.append(f"dead-letter reasons: {dict(a.dead_reasons)}")
+        if a.lost_where:
+            lines.append(f"lost: {dict(a.lost_where)}")
+        if a.duplicated_where:
+            lines.append(f"duplicated: {dict(a.duplicated_where)}")
+        lines += [f"  {example}" for example in a.examples]
+        if not self.drained:
+            lines.append("the pipeline did NOT drain before the timeout")
+        lines += [f"wall time {self.wall_seconds:.0f} s (load {load.seconds:.0f} s); "
+                  f"logs in {self.data_dir}/logs", "PASS" if self.ok else "FAIL"]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        a = self.accounting
+        return {"sent": self.load.sent, "answered": len(self.load.answered),
+                "streamed": self.load.streamed, "client_errors": dict(self.load.errors),
+                "load_seconds": self.load.seconds,
+                "accounting": {k: dict(v) if isinstance(v, Counter) else v
+                               for k, v in vars(a).items()},
+                "faults": dict(self.faults), "upstream_faults": self.upstream_faults,
+                "drained": self.drained, "wall_seconds": self.wall_seconds, "ok": self.ok}
+
+
+def run(config: ChaosConfig) -> ChaosReport:
+    """Start the stack, load it under faults, drain, account; always stops the stack."""
+    started = time.monotonic()
+    rng = random.Random(config.seed)
+    stack = Stack(StackConfig(config.data_dir, config.error_rate, config.timeout_rate,
+                              batch_size=config.batch_size, seed=config.seed))
+    stack.build()
+    try:
+        stack.start()
+        load = Load(stack.gateway_url + "/v1", API_KEY, MODEL, config.turns, config.concurrency,
+                    config.rate, config.stream_share, config.seed)
+        faults = plan(config.faults_per_kind, KILLED + RESTARTED, rng)
+        injector = Injector(stack, faults, lambda: load.result.sent / config.turns, rng)
+        injector.start()
+        result = asyncio.run(load.run())
+        injector.join()
+        client = redis.Redis.from_url(stack.redis_url)
+        try:
+            keys = Keys(NAMESPACE)
+            spool = config.data_dir / "gateway" / "spool" / "turns.jsonl"
+            drained = drain(client, keys, spool, config.drain_timeout)
+            accounting = account(client, keys, ADAPTER, TENANT, list(result.answered))
+        finally:
+            client.close()
+        upstream = _upstream_stats(stack)
+    finally:
+        stack.close()
+    return ChaosReport(result, accounting, injector.counts, upstream, drained,
+                       time.monotonic() - started, str(config.data_dir))
+
+
+def _upstream_stats(stack: Stack) -> dict[str, int]:
+    port = stack.procs["upstream"].argv[stack.procs["upstream"].argv.index("--port") + 1]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as response:
+        stats: dict[str, int] = json.loads(response.read())
+    return stats
