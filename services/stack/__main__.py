@@ -19,6 +19,7 @@ import openai
 
 from services.stack import rollback, skills_cli
 from services.stack.launch import StackInfo, start_stack
+from services.stack.openclaw import main as openclaw_main
 from services.stack.procs import Stack, StackError
 from shared.keys import TURNS, Keys
 from shared.messages import TurnV1, decode
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(skills_cli.main(argv[1:]))
     if argv and argv[0] == "rollback":
         sys.exit(rollback.main(argv[1:], Settings(profile="dev")))
+    if argv and argv[0] == "openclaw":
+        sys.exit(openclaw_main(argv[1:], Settings(profile="dev")))
     parser = argparse.ArgumentParser(
         prog="reef", description=__doc__,
         epilog="also: reef skills --help (the skill library), reef rollback N")
