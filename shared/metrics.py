@@ -10,10 +10,15 @@ pass a registry of their own.
 
 from __future__ import annotations
 
+import hmac
+import json
+import socketserver
 import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from threading import Lock, Thread
-from wsgiref.simple_server import WSGIServer
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     REGISTRY,
@@ -21,10 +26,10 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    start_http_server,
+    make_wsgi_app,
 )
 
-from shared.settings import Settings
+from shared.settings import ConfigError, Settings, hash_api_key
 
 OUTCOME_PROCESSED = "processed"
 """The handler returned and the entry was acked."""
@@ -102,17 +107,84 @@ def worker_metrics(registry: CollectorRegistry | None = None) -> WorkerMetrics:
         return metrics
 
 
+class MetricsAuth:
+    """The ``metrics_key`` check: ``Authorization: Bearer <metrics_key>``, compared as
+    SHA-256 digests in constant time. Without a key every request is allowed (the dev
+    profile only: elsewhere ``require_metrics_key`` refuses to start)."""
+
+    def __init__(self, settings: Settings) -> None:
+        key = settings.metrics_key.get_secret_value() if settings.metrics_key else ""
+        self._digest = hash_api_key(key) if key else None
+
+    @property
+    def required(self) -> bool:
+        return self._digest is not None
+
+    def allows(self, authorization: str | None) -> bool:
+        """Whether a request with this ``Authorization`` header may read metrics."""
+        if self._digest is None:
+            return True
+        if not authorization or authorization[:7].lower() != "bearer ":
+            return False
+        return hmac.compare_digest(hash_api_key(authorization[7:].strip()), self._digest)
+
+
+def require_metrics_key(settings: Settings, service: str) -> None:
+    """Refuse to serve metrics without a key outside the dev profile (a ``ConfigError``
+    naming the setting)."""
+    if settings.profile != "dev" and settings.metrics_key is None:
+        raise ConfigError(f"{service} serves /metrics but metrics_key (REEF_METRICS_KEY) is "
+                          "not set: set the key Prometheus sends as a bearer token, or use "
+                          "REEF_PROFILE=dev")
+
+
+_WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+_UNAUTHORIZED = json.dumps({"error": {
+    "message": "Missing or incorrect metrics key: send 'Authorization: Bearer <metrics_key>'.",
+    "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}).encode()
+
+
+def _guarded(app: _WSGIApp, auth: MetricsAuth) -> _WSGIApp:
+    """``app`` behind the metrics key: a 401 in OpenAI's error shape without it."""
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if auth.allows(environ.get("HTTP_AUTHORIZATION")):
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [("Content-Type", "application/json"),
+                                            ("Content-Length", str(len(_UNAUTHORIZED))),
+                                            ("WWW-Authenticate", "Bearer")])
+        return [_UNAUTHORIZED]
+
+    return guarded
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log (a scrape every few seconds)."""
+
+
 def serve_metrics(
     settings: Settings, registry: CollectorRegistry | None = None, addr: str = "0.0.0.0"
 ) -> tuple[WSGIServer, Thread] | None:
-    """Serve ``/metrics`` on ``settings.metrics_port`` in a background thread.
+    """Serve ``/metrics`` on ``settings.metrics_port`` in a background thread, behind
+    ``metrics_key`` (``Authorization: Bearer <metrics_key>``, else a 401).
 
     Returns the server and its thread (``server.shutdown()`` stops it), or None when the
     port is 0. ``addr`` defaults to every interface because Prometheus scrapes workers
-    from another container; metrics carry no content and no ids.
+    from another container; metrics carry no content and no ids. Outside the dev profile
+    a missing ``metrics_key`` is a ``ConfigError``.
     """
     if settings.metrics_port <= 0:
         return None
-    return start_http_server(
-        settings.metrics_port, addr=addr, registry=REGISTRY if registry is None else registry
-    )
+    require_metrics_key(settings, "this worker (metrics_port is set)")
+    app = _guarded(make_wsgi_app(REGISTRY if registry is None else registry),
+                   MetricsAuth(settings))
+    server = make_server(addr, settings.metrics_port, app, _ThreadingServer,
+                         handler_class=_QuietHandler)
+    thread = Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
+    return server, thread

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,7 +63,8 @@ class Settings(BaseSettings):
     upstream model, scorer, skills, trainer."""
 
     model_config = SettingsConfigDict(
-        env_prefix="REEF_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="REEF_", env_file=".env", extra="ignore", frozen=True,
+        hide_input_in_errors=True,  # a refused config must not print the keys it was given
     )
 
     # --- deployment -------------------------------------------------------------------
@@ -73,6 +75,13 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_content: bool = False
     """Log prompts and completions. Off by default: they may hold personal data."""
+    redact_outbound: bool = True
+    """Replace secrets and personal data (API keys, tokens, private keys, emails, phone
+    and card numbers ...) with placeholders in every turn sent to the judge or the
+    skill-evolution LLM, and keep turns holding any out of Tinker training batches (their
+    token ids cannot be edited; see ``shared.redact``)."""
+    redact_patterns: list[str] = Field(default_factory=list)
+    """Extra regular expressions to redact (kind ``custom``), e.g. internal ticket ids."""
     data_dir: Path = Path("var")
     """Where local state lives: the gateway's spool, model caches, checkpoints."""
 
@@ -99,6 +108,10 @@ class Settings(BaseSettings):
     """After this many deliveries an entry goes to the dead-letter stream."""
     metrics_port: int = 0
     """Port for a worker's ``/metrics``; 0 picks none (the gateway serves its own)."""
+    metrics_key: SecretStr | None = None
+    """Bearer key Prometheus sends (``Authorization: Bearer <key>``) to scrape the
+    gateway's ``/metrics`` and every worker's metrics port. Required outside the dev
+    profile wherever metrics are served (the gateway, a worker with ``metrics_port``)."""
 
     # --- gateway ------------------------------------------------------------------------
     gateway_host: str = "127.0.0.1"
@@ -107,6 +120,18 @@ class Settings(BaseSettings):
     """API key -> tenant. Keys may be given hashed (``sha256:<hex>``, see
     ``echo KEY | reef hash-key``); plain ones are hashed on load and never kept."""
     admin_key: SecretStr | None = None
+    """Bearer key of the admin API (``/admin``); not an inference key unless it is also
+    listed in ``api_keys``."""
+    rate_limit_rps: float = 0.0
+    """Requests per second each API key may make (a token bucket); 0 turns limits off.
+    The bucket lives in each gateway replica: behind N replicas a key may get up to N
+    times this rate."""
+    rate_limit_burst: int = 0
+    """Requests a key may make at once above the steady rate (the bucket's size);
+    0 means ``max(1, ceil(rate_limit_rps))``."""
+    tenant_rate_limits: dict[str, tuple[float, int]] = Field(default_factory=dict)
+    """Tenant -> (requests per second, burst), overriding the two above for every key of
+    that tenant (``{"batch-jobs": [50, 100]}``); a rate of 0 turns limits off for it."""
     max_body_bytes: int = 4 * 1024 * 1024
     spool_path: Path | None = None
     """The local append-only file turns go to while Redis is down, replayed in order
@@ -285,6 +310,17 @@ class Settings(BaseSettings):
     def _hash_keys(cls, keys: dict[str, str]) -> dict[str, str]:
         return {k if k.startswith("sha256:") else hash_api_key(k): t for k, t in keys.items()}
 
+    @field_validator("redact_patterns")
+    @classmethod
+    def _compile_patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"redact_patterns: {pattern!r} is not a regular "
+                                 f"expression ({exc})") from None
+        return patterns
+
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:
         if self.profile == "dev":
@@ -295,8 +331,12 @@ class Settings(BaseSettings):
         for key in self.api_keys:
             if key in _PLACEHOLDER_HASHES:
                 raise ConfigError("api_keys (REEF_API_KEYS) holds a placeholder key")
+        if self.metrics_port > 0 and self.metrics_key is None:
+            raise ConfigError("metrics_key (REEF_METRICS_KEY) is not set but metrics_port "
+                              "is: /metrics would be open; set a key (Prometheus sends it as "
+                              "a bearer token) or use REEF_PROFILE=dev")
         for name in ("upstream_api_key", "admin_key", "redis_password", "prm_api_key",
-                     "miner_api_key",
+                     "miner_api_key", "metrics_key",
                      "azure_openai_api_key", "tinker_api_key"):
             value = getattr(self, name)
             if value is not None and _is_placeholder(value.get_secret_value()):

@@ -9,6 +9,8 @@ from tests.service_proc import ServiceProcess
 
 API_KEY = "sk-test-key-alpha"
 OTHER_KEY = "sk-test-key-beta"
+METRICS_KEY = "metrics-test-key"
+METRICS_AUTH = {"Authorization": f"Bearer {METRICS_KEY}"}
 
 
 class GatewayProcess(ServiceProcess):
@@ -24,6 +26,7 @@ class GatewayProcess(ServiceProcess):
             "REEF_REDIS_URL": redis_url,
             "REEF_UPSTREAM_BASE_URL": upstream_url,
             "REEF_UPSTREAM_API_KEY": "sk-upstream-secret",
+            "REEF_METRICS_KEY": METRICS_KEY,
             "REEF_API_KEYS": f'{{"{API_KEY}": "alpha", "{OTHER_KEY}": "beta"}}',
             "REEF_GATEWAY_PORT": str(port),
             "REEF_UPSTREAM_TIMEOUT_SECONDS": "3",

@@ -65,7 +65,9 @@ class ServiceProcess:
 
     def metric(self, name: str) -> float:
         """The sum of a metric's samples on the service's ``/metrics``."""
-        text = httpx.get(self.url + "/metrics", timeout=5).text
+        key = self.env.get("REEF_METRICS_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        text = httpx.get(self.url + "/metrics", headers=headers, timeout=5).text
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):

@@ -16,7 +16,7 @@ from shared.keys import TURNS, Keys
 from shared.messages import TurnV1, decode
 from tests.conftest import RedisServer, free_port
 from tests.fake_upstream import TEXT_PIECES, TOOL_CALL, FakeUpstream
-from tests.gateway_proc import API_KEY, OTHER_KEY, GatewayProcess
+from tests.gateway_proc import API_KEY, METRICS_AUTH, OTHER_KEY, GatewayProcess
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
@@ -273,7 +273,7 @@ def test_models_health_ready_metrics(client: openai.OpenAI, gateway: GatewayProc
     assert httpx.get(gateway.url + "/healthz").status_code == 200
     ready = httpx.get(gateway.url + "/readyz").json()
     assert ready["redis"] is True and ready["spooling"] is False
-    text = httpx.get(gateway.url + "/metrics").text
+    text = httpx.get(gateway.url + "/metrics", headers=METRICS_AUTH).text
     assert "reef_gateway_requests_total" in text and "reef_gateway_turns_recorded_total" in text
 
 

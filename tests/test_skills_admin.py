@@ -20,7 +20,7 @@ from shared.skill_files import SkillFile, read_dir, render, write_dir
 from shared.starter_skills import starter_skills
 from tests.conftest import RedisServer, free_port
 from tests.fake_upstream import FakeUpstream
-from tests.gateway_proc import API_KEY, GatewayProcess
+from tests.gateway_proc import API_KEY, METRICS_AUTH, GatewayProcess
 
 NAMESPACE = "admintest"
 ADMIN_KEY = "sk-admin-test-key-1234"
@@ -218,7 +218,7 @@ def test_writes_announce_events(admin: httpx.Client, redis_server: RedisServer,
 
 def test_skills_gauge(admin: httpx.Client, gateway: GatewayProcess, tenant: str) -> None:
     def gauge() -> dict[str, float]:
-        text = httpx.get(gateway.url + "/metrics").text
+        text = httpx.get(gateway.url + "/metrics", headers=METRICS_AUTH).text
         return {s: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                 for s in ("candidate", "active", "retired")
                 if line.startswith(f'reef_skills{{status="{s}"}}')}

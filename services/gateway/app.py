@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from services.gateway.adapters import AdapterRouter
 from services.gateway.admin import add_admin_routes
-from services.gateway.auth import Authenticator
+from services.gateway.auth import Authenticator, check_metrics
 from services.gateway.chat import ChatHandler
 from services.gateway.dashboard import add_dashboard_routes
 from services.gateway.endpoint import ASGIApp, ChatEndpoint, dispatch
@@ -29,6 +29,7 @@ from services.gateway.recorder import Recorder
 from services.gateway.skills import SkillInjector
 from services.gateway.upstream import Upstream
 from shared.keys import Keys
+from shared.metrics import MetricsAuth, require_metrics_key
 from shared.redis_client import connect
 from shared.settings import Settings
 
@@ -66,6 +67,7 @@ def build_gateway(settings: Settings, metrics: GatewayMetrics | None = None) -> 
 
 def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> ASGIApp:
     """The gateway as an ASGI app: the chat endpoint in front of a FastAPI app."""
+    require_metrics_key(settings, "the gateway")
     gw = build_gateway(settings, metrics)
 
     @asynccontextmanager
@@ -134,8 +136,11 @@ def _add_routes(app: FastAPI, gw: Gateway) -> None:
         # Redis down does not make the gateway unready: turns go to the spool.
         return Response(orjson.dumps(body), media_type="application/json")
 
+    metrics_auth = MetricsAuth(gw.settings)
+
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        check_metrics(metrics_auth, request.headers)
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

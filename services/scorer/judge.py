@@ -10,7 +10,9 @@ unscored, never given a silent 0.
 HTTP goes through ``shared.llm_client`` (one aiohttp session per judge; see there why
 not httpx).
 
-Prompts and completions are never logged: only event names and error kinds.
+Prompts and completions are never logged: only event names and error kinds. With
+``redact_outbound`` (the default) secrets and personal data in the turn are replaced by
+placeholders before it leaves for the judge (``shared.redact``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from services.scorer import prompts
 from services.scorer.metrics import ScorerMetrics
 from shared.llm_client import Endpoint, LLMCallError, LLMClient, reply_text, usage_tokens
 from shared.messages import TurnV1
+from shared.redact import outbound_redactor
 from shared.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -156,6 +159,7 @@ class Judge:
     def __init__(self, settings: Settings, metrics: ScorerMetrics) -> None:
         self._settings = settings
         self._metrics = metrics
+        self._redactor = outbound_redactor(settings)
         self._client = LLMClient(
             _endpoint(settings), timeout=settings.judge_timeout_seconds,
             retries=settings.judge_retries, concurrency=settings.judge_concurrency,
@@ -180,7 +184,7 @@ class Judge:
     async def judge(self, turn: TurnV1, follow_up: list[dict[str, Any]]) -> Verdict:
         """``prm_m`` votes on ``turn`` in the light of ``follow_up``, and their majority."""
         body = self._body(prompts.judge_messages(turn.messages, turn.response_message,
-                                                 follow_up))
+                                                 follow_up, self._redactor))
         votes = await asyncio.gather(*(self._vote(body)
                                        for _ in range(max(1, self._settings.prm_m))))
         prompt_tokens = sum(v.prompt_tokens for v in votes)
@@ -225,7 +229,7 @@ class Judge:
                     ) -> tuple[str | None, int, int]:
         """A teacher hint for a turn that went wrong: (hint or None, prompt, completion)."""
         body = self._body(prompts.hint_messages(turn.messages, turn.response_message,
-                                                follow_up))
+                                                follow_up, self._redactor))
         try:
             data = await self._call(body)
         except JudgeCallError as exc:

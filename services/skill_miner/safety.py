@@ -15,9 +15,9 @@ rules about dangerous commands and data leaving to a URL fire regardless.
 from __future__ import annotations
 
 import re
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
+
+from shared import redact as shared_redact
 
 REASON_EXFILTRATION = "exfiltration"
 REASON_SECRETS = "reveal_secrets"
@@ -120,77 +120,6 @@ def _negated(text: str, start: int) -> bool:
 
 
 # --- redaction ------------------------------------------------------------------------
-
-_REDACTIONS: tuple[tuple[str, re.Pattern[str], str], ...] = (
-    ("private_key", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE "
-                               r"KEY-----", re.DOTALL), "[REDACTED_PRIVATE_KEY]"),
-    ("bearer", re.compile(r"\b(Bearer)\s+[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE),
-     r"\1 [REDACTED_TOKEN]"),
-    ("jwt", re.compile(r"\beyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]{5,}"), "[REDACTED_TOKEN]"),
-    ("api_key", re.compile(r"\b(?:sk|pk|rk)-(?:[A-Za-z0-9]+-)*[A-Za-z0-9_-]{16,}"),
-     "[REDACTED_API_KEY]"),
-    ("api_key", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
-                           r"|xox[abposr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{30,}"
-                           r"|hf_[A-Za-z0-9]{30,}|glpat-[A-Za-z0-9_-]{20,})"),
-     "[REDACTED_API_KEY]"),
-    ("aws_key", re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[0-9A-Z]{16}\b"), "[REDACTED_AWS_KEY]"),
-    ("secret_assignment", re.compile(
-        r"(?i)\b((?:aws_)?(?:secret(?:_access)?_key|api[_-]?key|access[_-]?token|auth[_-]?token"
-        r"|password|passwd|pwd|secret|token|client[_-]?secret)[\"']?\s*[:=]\s*[\"']?)"
-        r"(?!\[REDACTED)[^\s\"',;]{6,}"), r"\1[REDACTED_SECRET]"),
-    ("email", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"),
-     "[REDACTED_EMAIL]"),
-    ("ip", re.compile(r"(?<![\w.])(?!127\.0\.0\.1(?![\d.]))(?!0\.0\.0\.0(?![\d.]))"
-                      r"(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)"
-                      r"(?![\w.]*\d)"), "[REDACTED_IP]"),
-    ("card", re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])"), "[REDACTED_CARD]"),
-    ("phone", re.compile(r"(?<![\w.+-])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?"
-                         r"\d{2,4}(?:[\s.-]\d{2,4}){1,4}(?![\w.-]*\d)"), "[REDACTED_PHONE]"),
-)
-"""(kind, pattern, replacement), applied in order (keys before the generic patterns)."""
-
-_Check = Callable[[str], bool]
-"""A second look at a match (a checksum, a digit count); False keeps the text."""
-
-PHONE_MIN_DIGITS = 9
-"""A digit group with fewer digits is not taken for a phone number (dates, versions)."""
-
-
-def redact(text: str) -> tuple[str, Counter[str]]:
-    """``text`` with secrets and personal data replaced by ``[REDACTED_<KIND>]``
-    placeholders, and how many of each kind were replaced."""
-    found: Counter[str] = Counter()
-    for kind, pattern, replacement in _REDACTIONS:
-        check_match = _CHECKS.get(kind)
-
-        def substitute(match: re.Match[str], kind: str = kind, replacement: str = replacement,
-                       check_match: _Check | None = check_match) -> str:
-            if check_match is not None and not check_match(match.group(0)):
-                return match.group(0)
-            found[kind] += 1
-            return match.expand(replacement)
-
-        text = pattern.sub(substitute, text)
-    return text, found
-
-
-def _luhn(candidate: str) -> bool:
-    digits = [int(c) for c in candidate if c.isdigit()]
-    if not 13 <= len(digits) <= 19:
-        return False
-    total = 0
-    for i, digit in enumerate(reversed(digits)):
-        doubled = digit * 2 if i % 2 else digit
-        total += doubled - 9 if doubled > 9 else doubled
-    return total % 10 == 0
-
-
-def _phone(candidate: str) -> bool:
-    digits = sum(c.isdigit() for c in candidate)
-    if digits < PHONE_MIN_DIGITS or digits > 15:
-        return False
-    # An ISO date or a version is not a phone number: 2024-10-21, 1.2.3
-    return not re.fullmatch(r"\d{4}-\d{2}-\d{2}", candidate.strip())
-
-
-_CHECKS: dict[str, _Check] = {"card": _luhn, "phone": _phone}
+# The patterns live in ``shared.redact`` (one set for skills, judge and miner prompts, and
+# Tinker); ``safety.redact`` stays the name the curator uses.
+redact = shared_redact.redact

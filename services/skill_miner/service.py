@@ -38,6 +38,7 @@ from services.skill_miner.similarity import Similarity, lexical_similarity, text
 from services.skill_miner.trajectory import Trajectories, TurnRecord, record_of
 from shared.keys import GROUP_SKILL_MINER, SCORED, Keys
 from shared.messages import Message, ScoredV1
+from shared.redact import outbound_redactor
 from shared.settings import Settings
 from shared.skill_store import SkillNotFound, SkillStore
 from shared.skills import Skill
@@ -65,7 +66,7 @@ class SkillMiner:
         self.metrics = metrics
         self.store = SkillStore(redis, self.keys, settings.stream_maxlen)
         self.llm = llm if llm is not None else build_proposer(settings, metrics)
-        self.trajectories = Trajectories(redis, self.keys)
+        self.trajectories = Trajectories(redis, self.keys, outbound_redactor(settings))
         self.similarity = similarity
         self.curator = Curator(self.store, metrics, similarity, settings.skill_merge_similarity,
                                settings.skill_auto_promote)
@@ -178,7 +179,7 @@ class SkillMiner:
     async def _ask(self, scored: ScoredV1) -> MinerAnswer | None:
         """The LLM's validated answer for a failing turn (None: invalid twice)."""
         turn = scored.turn
-        failing = record_of(scored)
+        failing = record_of(scored, self.trajectories.redactor)
         turns = await self.trajectories.up_to(turn.tenant, turn.session_id, turn.turn_index)
         if not any(r.turn_id == failing.turn_id for r in turns):
             turns.append(failing)  # trimmed already (a very late redelivery)

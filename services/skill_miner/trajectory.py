@@ -9,6 +9,8 @@ assemble a session's trajectory, whichever replica saw its earlier turns.
 
 Texts are cut to ``TEXT_CHARS``: the miner needs the gist of each turn, and the turn's own
 ``messages`` (the whole history) would make the set grow with the square of its length.
+Before that, secrets and personal data are replaced by placeholders (``shared.redact``;
+the ``redact_outbound`` setting): a record is what the skill-evolution LLM is shown.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.keys import Keys
 from shared.messages import ScoredV1
+from shared.redact import DEFAULT, Redactor
 
 TRAJECTORY_TURNS = 20
 """Scored turns kept per session (the newest)."""
@@ -48,28 +51,35 @@ class TurnRecord(BaseModel):
     skill_ids: list[str] = Field(default_factory=list)
 
 
-def record_of(scored: ScoredV1) -> TurnRecord:
-    """The compact record of a scored turn."""
+def record_of(scored: ScoredV1, redactor: Redactor | None = DEFAULT) -> TurnRecord:
+    """The compact record of a scored turn, its texts redacted by ``redactor`` (None:
+    kept as they are) before they are cut."""
     turn = scored.turn
+
+    def text(raw: str) -> str:
+        return _cut(raw if redactor is None else redactor.redact(raw)[0])
+
     return TurnRecord(
-        turn_id=turn.id, index=turn.turn_index, request=_cut(_since_last_answer(turn.messages)),
-        answer=_cut(_render(turn.response_message)), reward=scored.reward,
-        follow_up=_cut("\n".join(_render(m) for m in scored.follow_up)),
+        turn_id=turn.id, index=turn.turn_index, request=text(_since_last_answer(turn.messages)),
+        answer=text(_render(turn.response_message)), reward=scored.reward,
+        follow_up=text("\n".join(_render(m) for m in scored.follow_up)),
         signals=sorted(scored.components), skill_ids=list(turn.skill_ids))
 
 
 class Trajectories:
-    """Stores and reads the recent turns of sessions."""
+    """Stores and reads the recent turns of sessions (redacted by ``redactor``)."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys,
+                 redactor: Redactor | None = DEFAULT) -> None:
         self._redis = redis
         self._keys = keys
+        self.redactor = redactor
 
     async def record(self, scored: ScoredV1) -> None:
         """Keep a scored turn in its session (idempotent)."""
         turn = scored.turn
         key = self._keys.miner_session(turn.tenant, turn.session_id)
-        member = record_of(scored).model_dump_json().encode()
+        member = record_of(scored, self.redactor).model_dump_json().encode()
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.zadd(key, {member: turn.turn_index})
             pipe.zremrangebyrank(key, 0, -(TRAJECTORY_TURNS + 1))

@@ -42,6 +42,7 @@ from services.trainer.samples import (
 )
 from shared.keys import WEIGHTS, Keys
 from shared.messages import Message, ScoredV1, WeightsEventV1
+from shared.redact import sensitive_for_tinker
 from shared.settings import Settings
 
 log = logging.getLogger("reef.trainer")
@@ -94,6 +95,10 @@ class Trainer:
             sample = to_sample(message, self.adapter)
         except NotTrainable as exc:
             self.metrics.samples.labels(str(exc)).inc()
+            return
+        if sensitive_for_tinker(self.settings, [*message.turn.messages,
+                                                message.turn.response_message]):
+            self.metrics.samples.labels("sensitive").inc()  # never sent to Tinker
             return
         held_out = self.gating and is_held_out(
             sample.turn_id, self.settings.gate_holdout_every)

@@ -25,6 +25,11 @@ SDK calls relied on (``tinker`` 0.38.0; each returns a future, read with ``.resu
 
 Every method blocks (client creation with the service unreachable blocks ~300 s in the
 SDK): the trainer calls them through ``asyncio.to_thread``, never on its event loop.
+
+Privacy: a datum carries the sampled token ids, which cannot be redacted without breaking
+the importance ratios, so a turn whose text holds a secret or personal data never becomes
+a datum here: the trainer drops it at intake (``shared.redact.sensitive_for_tinker``,
+counted as ``reef_trainer_samples_total{fate="sensitive"}``; ``redact_outbound``).
 """
 
 from __future__ import annotations
