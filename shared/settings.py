@@ -133,6 +133,13 @@ class Settings(BaseSettings):
     """Tenant -> (requests per second, burst), overriding the two above for every key of
     that tenant (``{"batch-jobs": [50, 100]}``); a rate of 0 turns limits off for it."""
     max_body_bytes: int = 4 * 1024 * 1024
+    max_choices: int = Field(16, ge=1, le=128)
+    """Largest ``n`` (choices per request) the chat route accepts; more is a 400."""
+    max_output_tokens: int = Field(131_072, ge=1)
+    """Largest ``max_tokens`` / ``max_completion_tokens`` the chat route accepts."""
+    max_json_depth: int = Field(64, ge=8, le=200)
+    """Deepest nesting of a request body; at most 200, as turns are re-serialised inside
+    other messages and the JSON library writes at most 254 levels."""
     spool_path: Path | None = None
     """The local append-only file turns go to while Redis is down, replayed in order
     when it is back. Default: ``<data_dir>/spool/turns.jsonl``."""

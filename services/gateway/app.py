@@ -25,7 +25,9 @@ from services.gateway.endpoint import ASGIApp, ChatEndpoint, dispatch
 from services.gateway.errors import APIError, error_response, upstream_error
 from services.gateway.feedback import FEEDBACK_PATH, FeedbackHandler
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.openapi import install_openapi
 from services.gateway.recorder import Recorder
+from services.gateway.request import RequestLimits
 from services.gateway.skills import SkillInjector
 from services.gateway.upstream import Upstream
 from shared.keys import Keys
@@ -93,9 +95,10 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> ASG
     _add_error_handlers(app)
     _add_routes(app, gw)
     add_admin_routes(app, settings, gw.redis, gw.metrics.registry)
+    install_openapi(app, RequestLimits.of(settings))
     add_dashboard_routes(app, settings, gw.redis, gw.router)
     chat = ChatEndpoint(gw.auth, gw.chat, gw.metrics, settings.max_body_bytes,
-                        settings.model_map)
+                        settings.model_map, RequestLimits.of(settings))
     return dispatch(chat, app)
 
 

@@ -16,7 +16,14 @@ from services.gateway.auth import Authenticator
 from services.gateway.chat import ChatHandler, Reply
 from services.gateway.errors import APIError, error_body
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.request import parse_json, read_chat_request, too_large
+from services.gateway.request import (
+    DEFAULT_LIMITS,
+    RequestLimits,
+    check_content_type,
+    parse_json,
+    read_chat_request,
+    too_large,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -28,6 +35,10 @@ CHAT_PATH = "/v1/chat/completions"
 _JSON = (b"content-type", b"application/json")
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
+
+
+_NOT_ALLOWED = error_body(405, f"Method not allowed: {CHAT_PATH} takes POST.",
+                          code="method_not_allowed")
 
 
 class ClientGone(Exception):
@@ -65,8 +76,10 @@ class ChatEndpoint:
     """ASGI handler of ``POST /v1/chat/completions``."""
 
     def __init__(self, auth: Authenticator, chat: ChatHandler, metrics: GatewayMetrics,
-                 max_body_bytes: int, model_map: dict[str, str]) -> None:
+                 max_body_bytes: int, model_map: dict[str, str],
+                 limits: RequestLimits = DEFAULT_LIMITS) -> None:
         self._auth = auth
+        self._limits = limits
         self._chat = chat
         self._metrics = metrics
         self._limit = max_body_bytes
@@ -77,9 +90,11 @@ class ChatEndpoint:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             caller = self._auth(headers)
+            check_content_type(headers)
             raw = await read_body(receive, headers, self._limit)
-            chat = read_chat_request(parse_json(raw), headers, caller.tenant, caller.key_hash,
-                                     self._model_map)
+            body = parse_json(raw, self._limits.max_json_depth)
+            chat = read_chat_request(body, headers, caller.tenant, caller.key_hash,
+                                     self._model_map, self._limits)
             reply = await self._chat(chat, caller.tenant, started, raw)
         except APIError as err:
             self._metrics.requests.labels("unknown", str(err.status)).inc()
@@ -131,8 +146,11 @@ def dispatch(chat: ChatEndpoint, api: ASGIApp) -> ASGIApp:
     """An ASGI app sending the chat route to ``chat`` and everything else to ``api``."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST":
-            await chat(scope, receive, send)
+        if scope["type"] == "http" and scope["path"] == CHAT_PATH:
+            if scope["method"] == "POST":
+                await chat(scope, receive, send)
+            else:
+                await send_whole(send, 405, _NOT_ALLOWED, [(b"allow", b"POST")])
         else:
             await api(scope, receive, send)
 

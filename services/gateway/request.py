@@ -15,8 +15,13 @@ from typing import Any
 import orjson
 
 from services.gateway.errors import APIError
+from shared.settings import Settings
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects a body may have (``RequestLimits`` overrides it
+on the chat route). orjson parses up to 1,024 levels but serialises only up to 254, and a
+turn is re-serialised inside other messages: a deeper body would fail after its answer."""
 SESSION_FIELDS = ("session_id", "turn_type", "session_done")
 """Body equivalents of Reef's session headers; removed before the body goes upstream."""
 
@@ -39,6 +44,22 @@ class ChatRequest:
     """Whether ``body`` differs from what the client sent (else the raw bytes are sent)."""
 
 
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """What a chat request may ask for (``Settings.max_choices`` ...)."""
+
+    max_choices: int = 16
+    max_output_tokens: int = 131_072
+    max_json_depth: int = MAX_JSON_DEPTH
+
+    @classmethod
+    def of(cls, settings: Settings) -> RequestLimits:
+        return cls(settings.max_choices, settings.max_output_tokens, settings.max_json_depth)
+
+
+DEFAULT_LIMITS = RequestLimits()
+
+
 def too_large(limit: int) -> APIError:
     return APIError(413, f"Request body exceeds {limit} bytes.", code="request_too_large")
 
@@ -56,16 +77,62 @@ async def read_limited(chunks: AsyncIterable[bytes], limit: int) -> bytes:
     return b"".join(parts)
 
 
-def parse_json(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or a 400."""
+def check_content_type(headers: Mapping[str, str]) -> None:
+    """A body declared as something other than JSON is a 415; none declared is read as
+    JSON (what the client meant, whatever its HTTP library forgot)."""
+    declared = headers.get("content-type")
+    if declared is None:
+        return
+    media = declared.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/")
+                                       and media.endswith("+json")):
+        return
+    raise APIError(415, f"Unsupported Content-Type {declared[:100]!r}: send the body as JSON "
+                        "with 'Content-Type: application/json'.",
+                   code="unsupported_media_type")
+
+
+def parse_json(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+    """The body as a JSON object no deeper than ``max_depth``, or a 400."""
+    if not raw.strip():
+        raise APIError(400, "The request body is empty: send a JSON object.",
+                       code="invalid_json")
     try:
         body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise APIError(400, "We could not parse the JSON body of your request.",
+    except orjson.JSONDecodeError as exc:
+        raise APIError(400, f"We could not parse the JSON body of your request ({exc}). "
+                            "Send a JSON object encoded as UTF-8.",
                        code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    # Counting brackets is C-fast: a body with no more of them than max_depth cannot be
+    # too deep, so only a body with many is walked.
+    if raw.count(b"[") + raw.count(b"{") > max_depth \
+            and json_depth(body, max_depth) > max_depth:
+        raise APIError(400, f"The JSON body is nested more than {max_depth} levels deep.",
+                       code="invalid_json")
     return body
+
+
+def json_depth(value: Any, stop: int) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), computed without recursion; stops
+    counting once past ``stop``."""
+    deepest = 0
+    todo: list[tuple[Any, int]] = [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        depth += 1
+        if depth > deepest:
+            deepest = depth
+            if deepest > stop:
+                return deepest
+        todo.extend((child, depth) for child in item
+                    if isinstance(child, (dict, list)))
+    return deepest
 
 
 def _field_error(param: str, message: str) -> APIError:
@@ -73,7 +140,8 @@ def _field_error(param: str, message: str) -> APIError:
 
 
 def check_messages(messages: Any) -> None:
-    """Messages must be a non-empty list of objects with a known role."""
+    """Messages must be a non-empty list of objects with a known role, content of a
+    valid type, and well-formed tool calls (see ``_check_message``)."""
     if messages is None:
         raise _field_error("messages", "Missing required parameter: 'messages'.")
     if not isinstance(messages, list) or not messages:
@@ -82,27 +150,98 @@ def check_messages(messages: Any) -> None:
         if not isinstance(message, dict):
             raise _field_error(f"messages[{i}]", f"messages[{i}] must be an object.")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a dict is unhashable
             raise _field_error(f"messages[{i}].role",
                                f"messages[{i}].role must be one of {sorted(ROLES)}, "
-                               f"got {role!r}.")
+                               f"got {str(role)[:40]!r}.")
+        _check_message(f"messages[{i}]", role, message)
 
 
-def _check_types(body: dict[str, Any]) -> None:
+def _check_message(where: str, role: str, message: dict[str, Any]) -> None:
+    """Content is a string or an array of typed parts (null or absent only for an
+    assistant or function message); a tool message names its ``tool_call_id``."""
+    content = message.get("content")
+    if content is None:
+        if role not in ("assistant", "function"):
+            raise _field_error(f"{where}.content",
+                               f"Missing required parameter: '{where}.content'.")
+    elif isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise _field_error(f"{where}.content[{j}]",
+                                   f"{where}.content[{j}] must be an object with a "
+                                   "string 'type' (e.g. {'type': 'text', 'text': ...}).")
+    elif not isinstance(content, str):
+        raise _field_error(f"{where}.content",
+                           f"{where}.content must be a string or an array of content "
+                           f"parts, got {type(content).__name__}.")
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str) or not call_id:
+            raise _field_error(f"{where}.tool_call_id",
+                               f"{where}.tool_call_id is required on a 'tool' message: "
+                               "the id of the tool call it answers.")
+    tool_calls = message.get("tool_calls")
+    if tool_calls is not None:
+        _check_tool_calls(f"{where}.tool_calls", tool_calls)
+
+
+def _check_tool_calls(where: str, tool_calls: Any) -> None:
+    """An array of ``{"id", "type": "function", "function": {"name", "arguments"}}``
+    with the arguments JSON-encoded in a string (as OpenAI's answers give them)."""
+    if not isinstance(tool_calls, list):
+        raise _field_error(where, f"{where} must be an array of tool calls.")
+    for k, call in enumerate(tool_calls):
+        at = f"{where}[{k}]"
+        if not isinstance(call, dict):
+            raise _field_error(at, f"{at} must be an object.")
+        if "id" in call and not isinstance(call["id"], str):
+            raise _field_error(f"{at}.id", f"{at}.id must be a string.")
+        if call.get("type", "function") != "function":
+            continue  # another kind of tool call (custom tools): the upstream judges it
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise _field_error(f"{at}.function", f"{at}.function must be an object with "
+                                                 "'name' and 'arguments'.")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise _field_error(f"{at}.function.name",
+                               f"{at}.function.name must be a non-empty string.")
+        if not isinstance(function.get("arguments"), str):
+            raise _field_error(f"{at}.function.arguments",
+                               f"{at}.function.arguments must be a string (the arguments "
+                               "as JSON text), got "
+                               f"{type(function.get('arguments')).__name__}.")
+
+
+def _check_types(body: dict[str, Any], limits: RequestLimits) -> None:
     model = body.get("model")
+    if model is None:
+        raise _field_error("model", "Missing required parameter: 'model'.")
     if not isinstance(model, str) or not model:
         raise _field_error("model", "'model' must be a non-empty string.")
     for name in ("stream", "logprobs"):
         if name in body and body[name] is not None and not isinstance(body[name], bool):
             raise _field_error(name, f"'{name}' must be a boolean.")
-    for name in ("n", "max_tokens", "max_completion_tokens"):
-        value = body.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or value < 1):
-            raise _field_error(name, f"'{name}' must be a positive integer.")
+    _check_count(body, "n", limits.max_choices)
+    for name in ("max_tokens", "max_completion_tokens"):
+        _check_count(body, name, limits.max_output_tokens)
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise _field_error("tools", "'tools' must be an array.")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _field_error("stream_options", "'stream_options' must be an object.")
+
+
+def _check_count(body: dict[str, Any], name: str, limit: int) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise _field_error(name, f"'{name}' must be a positive integer.")
+    if value > limit:
+        raise _field_error(name, f"'{name}' is {value}; this gateway allows at most {limit}.")
 
 
 def session_from(headers: Mapping[str, str], body: MutableMapping[str, Any], tenant: str,
@@ -132,9 +271,10 @@ def session_from(headers: Mapping[str, str], body: MutableMapping[str, Any], ten
 
 
 def read_chat_request(body: dict[str, Any], headers: Mapping[str, str], tenant: str,
-                      key_hash: str, model_map: dict[str, str]) -> ChatRequest:
+                      key_hash: str, model_map: dict[str, str],
+                      limits: RequestLimits = DEFAULT_LIMITS) -> ChatRequest:
     """Check a parsed body and derive what Reef needs; raises ``APIError``."""
-    _check_types(body)
+    _check_types(body, limits)
     check_messages(body.get("messages"))
     changed = any(name in body for name in SESSION_FIELDS)
     session_id, turn_type, done = session_from(headers, body, tenant, key_hash)

@@ -1,0 +1,205 @@
+"""The gateway's OpenAPI document (``GET /openapi.json``).
+
+FastAPI describes the routes it serves, but the chat route is a raw ASGI handler in front
+of it (``services.gateway.endpoint``) and the feedback and admin routes read their bodies
+themselves: this module adds what FastAPI cannot see. The chat request schema follows
+what ``services.gateway.request`` checks (limits included); every error answer is
+described as OpenAI's ``{"error": {...}}``, which is also what the 400s FastAPI would
+call 422 really are. Built once, on the first request for it; nothing here runs on the
+chat path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+from services.gateway.admin import CreateSkill, EditSkill, ImportBody, StatusChangeBody
+from services.gateway.endpoint import CHAT_PATH
+from services.gateway.feedback import FEEDBACK_PATH, FeedbackRequest
+from services.gateway.request import ROLES, RequestLimits
+
+REF = "#/components/schemas/"
+ERROR_STATUSES = {
+    "400": "Invalid request: the message and ``param`` name the field.",
+    "401": "Missing or incorrect API key.",
+    "403": "The key may not do this.",
+    "404": "No such route or object.",
+    "405": "Method not allowed on this route.",
+    "413": "Request body too large.",
+    "415": "The body is not declared as JSON.",
+    "429": "Rate limit reached; see ``Retry-After``.",
+    "500": "Upstream error, passed through.",
+    "502": "The upstream failed or answered with garbage.",
+    "503": "A dependency (Redis) is unreachable; retry shortly.",
+    "504": "The upstream did not answer in time.",
+}
+"""Error answers any route may give, each with an ``Error`` body."""
+BODY_MODELS: dict[tuple[str, str], type[BaseModel]] = {
+    (FEEDBACK_PATH, "post"): FeedbackRequest,
+    ("/admin/tenants/{tenant}/skills", "post"): CreateSkill,
+    ("/admin/tenants/{tenant}/skills/import", "post"): ImportBody,
+    ("/admin/tenants/{tenant}/skills/{skill}", "patch"): EditSkill,
+    ("/admin/tenants/{tenant}/skills/{skill}/approve", "post"): StatusChangeBody,
+    ("/admin/tenants/{tenant}/skills/{skill}/retire", "post"): StatusChangeBody,
+}
+"""Routes that read their JSON body themselves, and the model that checks it."""
+
+
+def install_openapi(app: FastAPI, limits: RequestLimits) -> None:
+    """Make ``app.openapi()`` (and so ``/openapi.json``) describe the whole gateway."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                                 description=__doc__)
+            app.openapi_schema = complete(schema, limits)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def complete(schema: dict[str, Any], limits: RequestLimits) -> dict[str, Any]:
+    """FastAPI's document with the chat route, body schemas and OpenAI-shaped errors."""
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    schemas.update(chat_schemas(limits))
+    components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+    schema["security"] = [{"bearerAuth": []}]
+    paths = schema.setdefault("paths", {})
+    paths[CHAT_PATH] = {"post": chat_operation()}
+    for (path, method), model in BODY_MODELS.items():
+        operation = paths.get(path, {}).get(method)
+        if operation is not None:
+            schemas[model.__name__] = model.model_json_schema(ref_template=REF + "{model}")
+            operation["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": {"$ref": REF + model.__name__}}}}
+    for item in paths.values():
+        for operation in item.values():
+            _error_responses(operation)
+    return schema
+
+
+def _error_responses(operation: dict[str, Any]) -> None:
+    responses = operation.setdefault("responses", {})
+    responses.pop("422", None)
+    error = {"application/json": {"schema": {"$ref": REF + "Error"}}}
+    for status, description in ERROR_STATUSES.items():
+        responses.setdefault(status, {"description": description, "content": error})
+
+
+def chat_operation() -> dict[str, Any]:
+    """``POST /v1/chat/completions``: OpenAI's chat API plus Reef's session headers."""
+    header = "header"
+    return {
+        "operationId": "create_chat_completion",
+        "summary": "Create a chat completion (OpenAI-compatible); the turn is recorded.",
+        "parameters": [
+            {"name": "X-Session-Id", "in": header, "required": False,
+             "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+             "description": "The session; default: one per API key and ``user``."},
+            {"name": "X-Turn-Type", "in": header, "required": False,
+             "schema": {"type": "string", "enum": ["main", "side"]}},
+            {"name": "X-Session-Done", "in": header, "required": False,
+             "schema": {"type": "string", "enum": ["true", "false", "1", "0"]}},
+        ],
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": REF + "ChatCompletionRequest"}}}},
+        "responses": {"200": {
+            "description": "The completion, or with ``stream`` its chunks as SSE events.",
+            "headers": {"X-Reef-Session-Id": {"schema": {"type": "string"}}},
+            "content": {
+                "application/json": {"schema": {"$ref": REF + "ChatCompletion"}},
+                "text/event-stream": {"schema": {"type": "string"}},
+            }}},
+    }
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": REF + name}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def chat_schemas(limits: RequestLimits) -> dict[str, Any]:
+    """The component schemas of the chat route and of errors."""
+    text = {"type": "string"}
+    content = {"anyOf": [text, {"type": "array", "items": _ref("ContentPart")}]}
+
+    def message(roles: list[str], required: list[str], **fields: Any) -> dict[str, Any]:
+        return {"type": "object", "required": ["role", *required],
+                "properties": {"role": {"type": "string", "enum": roles},
+                               "name": text, **fields}}
+
+    count = {"type": "integer", "minimum": 1}
+    return {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type", "param", "code"],
+            "properties": {"message": text, "type": text,
+                           "param": _nullable(text), "code": _nullable(text)}}}},
+        "ContentPart": {"type": "object", "required": ["type"],
+                        "properties": {"type": text, "text": text}},
+        "ToolCall": {"type": "object", "required": ["id", "type", "function"],
+                     "properties": {
+                         "id": text, "type": {"type": "string", "enum": ["function"]},
+                         "function": {"type": "object", "required": ["name", "arguments"],
+                                      "properties": {"name": {"type": "string",
+                                                              "minLength": 1},
+                                                     "arguments": text}}}},
+        "Tool": {"type": "object", "required": ["type", "function"], "properties": {
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string", "minLength": 1}, "description": text,
+                "parameters": {"type": "object"}}}}},
+        "ChatMessage": {"oneOf": [
+            message(["system", "developer"], ["content"], content=content),
+            message(["user"], ["content"], content=content),
+            message(["assistant"], [], content=_nullable(content),
+                    tool_calls={"type": "array", "items": _ref("ToolCall")}),
+            message(["tool"], ["content", "tool_call_id"], content=content,
+                    tool_call_id={"type": "string", "minLength": 1}),
+            message(["function"], ["name"], content=_nullable(text)),
+        ], "description": f"Roles: {', '.join(sorted(ROLES))}."},
+        "ChatCompletionRequest": {
+            "type": "object", "required": ["model", "messages"],
+            "additionalProperties": True,
+            "description": "Fields not listed here are passed to the upstream unchanged.",
+            "properties": {
+                "model": {"type": "string", "minLength": 1},
+                "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
+                "stream": {"type": "boolean"},
+                "stream_options": {"type": "object",
+                                   "properties": {"include_usage": {"type": "boolean"}}},
+                "n": {**count, "maximum": limits.max_choices},
+                "max_tokens": {**count, "maximum": limits.max_output_tokens},
+                "max_completion_tokens": {**count, "maximum": limits.max_output_tokens},
+                "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+                "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+                "stop": {"anyOf": [text, {"type": "array", "items": text}]},
+                "logprobs": {"type": "boolean"},
+                "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+                "tools": {"type": "array", "items": _ref("Tool")},
+                "tool_choice": {"anyOf": [{"type": "string",
+                                           "enum": ["none", "auto", "required"]},
+                                          {"type": "object"}]},
+                "user": text,
+                "seed": {"type": "integer"},
+                "session_id": {"type": "string", "minLength": 1, "maxLength": 256,
+                               "description": "Reef: the session (X-Session-Id wins)."},
+                "turn_type": {"type": "string", "enum": ["main", "side"]},
+                "session_done": {"type": "boolean"},
+            }},
+        "ChatCompletion": {"type": "object", "required": ["id", "object", "choices"],
+                           "properties": {"id": text, "object": text, "model": text,
+                                          "created": {"type": "integer"},
+                                          "choices": {"type": "array",
+                                                      "items": {"type": "object"}},
+                                          "usage": _nullable({"type": "object"})}},
+    }
