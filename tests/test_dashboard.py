@@ -64,7 +64,8 @@ def data(gateway: GatewayProcess, **params: str) -> dict[str, Any]:
 
 def publish_weights(client: redis.Redis, version: int) -> None:
     event = WeightsEventV1(tenant="*", adapter=f"reef-v{version}", version=version,
-                           path=f"/ckpt/v{version}", step=10 * version)
+                           path=f"/ckpt/v{version}", step=10 * version,
+                           metrics={"loss": 0.5 / version, "reward_mean": 0.1 * version})
     client.xadd(Keys(NAMESPACE).stream(WEIGHTS), event.to_fields())  # type: ignore[arg-type]
 
 
@@ -154,6 +155,9 @@ def test_the_data_route_reads_real_data(populated: GatewayProcess) -> None:
     assert "[secret]" in secret_turn["user"] and "[email]" in secret_turn["user"]
     assert [e["version"] for e in body["weights"]["events"]] == [3, 2, 1]
     assert [e["live"] for e in body["weights"]["events"]] == [True, False, False]
+    newest_weights = body["weights"]["events"][0]
+    assert newest_weights["loss"] == pytest.approx(0.5 / 3)
+    assert newest_weights["batch_reward"] == pytest.approx(0.3)
     skill = next(s for s in body["skills"] if s["name"] == "answer-first")
     assert (skill["status"], skill["with_count"], skill["with_mean"]) == ("active", 2, 0.5)
     queues = {q["stream"]: q for q in body["queues"]}
@@ -209,17 +213,25 @@ def test_the_page_renders_real_data_in_chromium(populated: GatewayProcess,
         wait = WebDriverWait(driver, 10)
 
         def text(css: str) -> str:
-            return str(driver.find_element(By.CSS_SELECTOR, css).text)
+            """The rendered text of ``css``, read in one script call: the page re-renders
+            every second, so an element found in one call may be gone by the next."""
+            found = driver.execute_script(
+                "const e = document.querySelector(arguments[0]); return e && e.innerText;", css)
+            return str(found or "").strip()
+
+        def count(css: str) -> int:
+            return int(driver.execute_script(
+                "return document.querySelectorAll(arguments[0]).length;", css))
 
         driver.find_element(By.ID, "key").send_keys("sk-not-the-admin-key\n")
         wait.until(lambda _: "Incorrect admin key" in text("#login-error"))
-        assert not driver.find_element(By.ID, "panels").is_displayed()
+        assert driver.execute_script("return document.getElementById('panels').hidden")
 
         driver.find_element(By.ID, "key").send_keys(ADMIN_KEY + "\n")
         wait.until(lambda _: text("#live-versions tbody td.version") == "v3")
         assert driver.execute_script("return sessionStorage.getItem('reef.adminKey')") == ADMIN_KEY
         assert text("#reward-count") == "3"
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#reward-chart circle.dot")) == 3
+        assert count("#reward-chart circle.dot") == 3
         turns = text("#turns tbody")
         assert "+0.750" in turns and "-0.500" in turns and SESSION in turns
         assert "[secret]" in turns and SECRET not in driver.page_source
@@ -229,6 +241,8 @@ def test_the_page_renders_real_data_in_chromium(populated: GatewayProcess,
         assert text("#queues tr[data-stream=turns] td.dead") == "1"
         assert "trainer: 1 pending / 2 lag / 1 consumers" in text("#queues")
         assert text("#swaps tbody tr:first-child .badge") == "live"
+        assert text("#live-headline") == "v3 (reef-v3)"
+        assert "+0.300" in text("#swaps tbody tr:first-child")
 
         # It refreshes by itself: a new version shows up without a reload.
         publish_weights(redis_server.client(), 4)

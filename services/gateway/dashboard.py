@@ -156,6 +156,11 @@ def scored_summary(raw: Any, tenant: str | None) -> dict[str, Any]:
             "count": len(rewards), "mean": sum(rewards) / len(rewards) if rewards else None}
 
 
+def _metrics(msg: dict[str, Any]) -> dict[str, Any]:
+    metrics = msg.get("metrics")
+    return metrics if isinstance(metrics, dict) else {}
+
+
 def weights_summary(raw: Any, router: AdapterRouter | None) -> dict[str, Any]:
     """Versions published (newest first) and what this gateway serves per tenant."""
     live = router.live if router is not None else {}
@@ -164,7 +169,8 @@ def weights_summary(raw: Any, router: AdapterRouter | None) -> dict[str, Any]:
         "entry_id": entry_id, "id": msg.get("id"), "created_at": msg.get("created_at"),
         "tenant": msg.get("tenant"), "adapter": msg.get("adapter"),
         "version": msg.get("version"), "step": msg.get("step"),
-        "rollback": bool((msg.get("metrics") or {}).get("rollback")),
+        "rollback": bool(_metrics(msg).get("rollback")),
+        "loss": _metrics(msg).get("loss"), "batch_reward": _metrics(msg).get("reward_mean"),
         "live": msg.get("id") in live_ids,
     } for entry_id, msg in _entries_of(raw, b"weights.v1")]
     serving = [{"tenant": t, "adapter": e.adapter, "version": e.version, "step": e.step,

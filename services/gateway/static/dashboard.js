@@ -31,9 +31,9 @@ function fmtTime(seconds) {
   return new Date(seconds * 1000).toLocaleTimeString();
 }
 
-function rewardCell(value) {
-  const cls = typeof value !== "number" ? "num" : value >= 0 ? "num pos" : "num neg";
-  return el("td", fmtReward(value), cls);
+function rewardCell(value, missing) {
+  if (typeof value !== "number") return el("td", missing || "–", "num");
+  return el("td", fmtReward(value), value >= 0 ? "num pos" : "num neg");
 }
 
 function fillRows(tableId, rows, build, emptyText) {
@@ -111,6 +111,9 @@ function renderReward(data) {
 }
 
 function renderPolicy(weights) {
+  $("live-headline").textContent = weights.live.length
+    ? weights.live.map((v) => `v${v.version} (${v.adapter}${v.tenant === "*" ? "" : ", " + v.tenant})`).join(", ")
+    : "the base model";
   fillRows("live-versions", weights.live, (v) => [
     el("td", v.tenant === "*" ? "* (all tenants)" : v.tenant),
     el("td", "v" + v.version, "num version"), el("td", v.adapter),
@@ -120,15 +123,17 @@ function renderPolicy(weights) {
     const flags = el("td");
     if (e.live) flags.append(el("span", "live", "badge live"));
     if (e.rollback) flags.append(el("span", "rollback", "badge rollback"));
+    const loss = typeof e.loss === "number" ? e.loss.toFixed(4) : "–";
     return [el("td", fmtTime(e.created_at)), el("td", e.tenant), el("td", "v" + e.version, "num"),
-            el("td", e.adapter), el("td", e.step, "num"), flags];
+            el("td", e.adapter), el("td", e.step, "num"), rewardCell(e.batch_reward),
+            el("td", loss, "num"), flags];
   }, "no weights events");
 }
 
 function renderTurns(turns) {
   fillRows("turns", turns, (t) => [
     el("td", fmtTime(t.created_at)), el("td", t.tenant), el("td", t.session_id, "text"),
-    el("td", t.turn_index, "num"), rewardCell(t.reward), el("td", t.reason),
+    el("td", t.turn_index, "num"), rewardCell(t.reward, "unscored"), el("td", t.reason),
     el("td", t.policy_version || "base"), el("td", t.user, "text"), el("td", t.answer, "text"),
   ], "no scored turns yet");
 }
