@@ -21,19 +21,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from services.stack.drive import LoopDriver, TrainingLog
 from services.stack.launch import share_models, start_stack
 from services.stack.procs import Stack
+from services.stack.report import HEADER, RoundRow, format_row, plot, round_row
 from services.stack.scripted import (
     HELDOUT_PROMPTS,
     TRAIN_PROMPTS,
-    Evaluation,
     Outcome,
     Preference,
     ScriptedUser,
@@ -56,67 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="trainer mode (skills_only: no learning)")
     group.add_argument("--learning-gate", action=argparse.BooleanOptionalAction, default=True,
                        help="the trainer's gate on new adapters")
-
-
-@dataclass(frozen=True)
-class RoundRow:
-    """One round of training conversations, as the scripted user saw it."""
-
-    round: int
-    seconds: float
-    version: str
-    steps: int
-    mean_reward: float
-    hit_rate: float
-    on_topic: float
-    mean_words: float
-
-
-def round_row(index: int, outcomes: list[Outcome], log: TrainingLog, started: float
-              ) -> RoundRow:
-    versions = [o.version for o in outcomes]
-    return RoundRow(
-        round=index, seconds=time.monotonic() - started,
-        version=max(set(versions), key=versions.count), steps=log.committed,
-        mean_reward=statistics.fmean(o.verdict.reward for o in outcomes),
-        hit_rate=statistics.fmean(1.0 if o.verdict.ok else 0.0 for o in outcomes),
-        on_topic=statistics.fmean(1.0 if o.verdict.on_topic else 0.0 for o in outcomes),
-        mean_words=statistics.fmean(o.verdict.words for o in outcomes))
-
-
-def print_row(row: RoundRow) -> None:
-    print(f"{row.round:>5} {row.seconds:>7.0f}s {row.version:>22} {row.steps:>5} "
-          f"{row.mean_reward:>+7.2f} {row.hit_rate:>6.0%} {row.on_topic:>6.0%} "
-          f"{row.mean_words:>6.1f}", flush=True)
-
-
-def plot(rows: list[RoundRow], before: Evaluation, after: Evaluation, path: Path,
-         title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, reward_axis = plt.subplots(figsize=(8, 4.5))
-    steps = [r.steps for r in rows]
-    reward_axis.plot(steps, [r.mean_reward for r in rows], marker="o", label="training rounds")
-    last = max(steps) if steps else 0
-    reward_axis.scatter([0, last], [before.mean_reward, after.mean_reward], color="red",
-                        zorder=3, label="held-out (before / after)")
-    reward_axis.set_xlabel("trainer steps committed")
-    reward_axis.set_ylabel("mean reward (scripted user)")
-    reward_axis.set_ylim(-1.05, 1.05)
-    words_axis = reward_axis.twinx()
-    words_axis.plot(steps, [r.mean_words for r in rows], color="gray", linestyle="--",
-                    label="mean words")
-    words_axis.set_ylabel("mean words per answer")
-    handles = reward_axis.get_legend_handles_labels()
-    more = words_axis.get_legend_handles_labels()
-    reward_axis.legend(handles[0] + more[0], handles[1] + more[1], loc="lower right")
-    reward_axis.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 async def drive(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
@@ -150,14 +88,13 @@ async def _measure(args: argparse.Namespace, driver: LoopDriver, user: ScriptedU
     before = await user.evaluate(HELDOUT_PROMPTS, args.learning_eval_samples, tag="before",
                                  temperature=args.learning_temperature)
     print(f"held-out before: {before.summary()}", flush=True)
-    print(f"\n{'round':>5} {'time':>8} {'answered by':>22} {'steps':>5} {'reward':>7} "
-          f"{'meets':>6} {'topic':>6} {'words':>6}", flush=True)
+    print("\n" + HEADER, flush=True)
     rows: list[RoundRow] = []
     started = time.monotonic()
 
     def on_round(index: int, outcomes: list[Outcome], log: TrainingLog) -> None:
         rows.append(round_row(index, outcomes, log, started))
-        print_row(rows[-1])
+        print(format_row(rows[-1]), flush=True)
 
     log = await driver.train(TRAIN_PROMPTS, steps=args.learning_steps, on_round=on_round,
                              max_rounds=args.learning_steps * 2)

@@ -97,6 +97,11 @@ class Keys:
         """Set of tenants that have (or had) skills."""
         return f"{self.namespace}:skills:tenants"
 
+    def skill_baseline(self, tenant: str) -> str:
+        """Hash (``count``, ``reward_sum``) of the rewards of a tenant's trainable turns that
+        had no skill injected: the baseline of skills injected into every turn."""
+        return f"{self.namespace}:skills:baseline:{tenant}"
+
     def skill_status_counts(self) -> str:
         """Hash: status -> number of skills with it, over all tenants (for the metric)."""
         return f"{self.namespace}:skills:counts"

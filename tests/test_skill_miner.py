@@ -557,6 +557,13 @@ def test_retirement_evidence() -> None:
     assert evidence(with_count=5, with_reward_sum=-0.5, without_count=2,
                     without_reward_sum=2.0) is None  # no baseline, own mean -0.1 > -0.2
     assert "no baseline" in (evidence(with_count=6, with_reward_sum=-3.0) or "")
+    # A skill injected into every turn: only the tenant's turns without skills count.
+    pref = _skill("sk_p", "preference", with_count=6, with_reward_sum=-3.0)
+    assert retirement_evidence(pref, 5, 0.2) is not None  # judged on its own record ...
+    assert retirement_evidence(pref, 5, 0.2, always_baseline=(4, -4.0)) is None  # too few
+    assert retirement_evidence(pref, 5, 0.2, always_baseline=(10, -9.0)) is None  # helps
+    hurts = retirement_evidence(pref, 5, 0.2, always_baseline=(10, 0.0))
+    assert hurts is not None and "+0.000 over 10 of the tenant's turns" in hurts
 
 
 def test_trajectory_record_keeps_the_turns_own_request() -> None:
@@ -591,7 +598,8 @@ async def test_corrections_backend_mines_a_preference_skill_without_an_llm(
         redis_server: RedisServer, namespace: str, fake: FakeLLM,
         aredis: aioredis.Redis) -> None:
     settings = settings_for(redis_server, namespace, fake, miner_backend="corrections",
-                            miner_base_url="", skill_auto_promote=True)
+                            miner_base_url="", skill_auto_promote=True,
+                            skill_retire_min_turns=3)
     miner = await make_miner(settings, aredis)
     try:
         correction = "No, that's wrong: too long. Answer in at most 12 words."
@@ -606,6 +614,14 @@ async def test_corrections_backend_mines_a_preference_skill_without_an_llm(
         assert again.version == skill.version == 1
         assert sample(miner.metrics, "reef_skill_miner_proposals_total",
                       outcome="unchanged") == 1
+        # Turns without skills are the baseline of a skill injected into every turn: it
+        # is not retired for a poor record that still beats them.
+        for i in range(3):
+            await miner.on_scored(scored(f"b{i}", 0, -1.0, follow_up="Wrong."), f"2-{i}")
+        for i in range(4):
+            await miner.on_scored(scored(f"w{i}", 0, -0.5, skill_ids=[skill.id]), f"3-{i}")
+        kept = await miner.store.get(TENANT, skill.id)
+        assert kept is not None and kept.status == "active" and kept.credit.with_count == 4
         # A failure without an instruction in the follow-up proposes nothing.
         await miner.on_scored(scored("c3", 0, -1.0, follow_up="Wrong."), "1-2")
         assert len(await miner.store.list(TENANT)) == 1

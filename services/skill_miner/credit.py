@@ -11,6 +11,12 @@ without it. Turns with no skill injected credit nothing: with nothing retrieved 
 sign that the request was comparable to any skill's. This is a simple, biased-but-honest
 baseline (retrieval is not random); a skill is only judged on its own record when it has
 no baseline (see ``retirement_evidence``).
+
+Skills injected into *every* main turn (``skill_always_categories``: standing preferences)
+have no comparable turns without them by construction, and their own record says more
+about how hard the tenant's requests are than about the skill. They are judged against the
+tenant's turns with no skill injected at all (mostly those before the skill went live), and
+only when there are enough of those.
 """
 
 from __future__ import annotations
@@ -29,8 +35,12 @@ def comparable_without(injected: Iterable[Skill], active: Iterable[Skill]) -> li
             if s.status == "active" and s.id not in injected_ids and s.category in categories]
 
 
-def retirement_evidence(skill: Skill, min_turns: int, margin: float) -> str | None:
+def retirement_evidence(skill: Skill, min_turns: int, margin: float, *,
+                        always_baseline: tuple[int, float] | None = None) -> str | None:
     """Why ``skill`` should be retired (its credit, in words), or None if it should stay.
+
+    ``always_baseline`` (count, reward sum of the tenant's turns without skills) is given
+    for a skill injected into every turn: it is judged against that baseline only.
 
     A skill keeps hurting when it was injected into at least ``min_turns`` scored turns and
     its mean reward there is more than ``margin`` below the mean of comparable turns without
@@ -41,6 +51,13 @@ def retirement_evidence(skill: Skill, min_turns: int, margin: float) -> str | No
     with_mean = credit.with_mean
     if with_mean is None or credit.with_count < max(1, min_turns):
         return None
+    if always_baseline is not None:
+        count, total = always_baseline
+        if count < max(1, min_turns) or with_mean >= total / count - margin:
+            return None
+        return (f"credit: mean reward {with_mean:+.3f} over {credit.with_count} turns with "
+                f"the skill vs {total / count:+.3f} over {count} of the tenant's turns with "
+                f"no skill (retire margin {margin:g})")
     without_mean = credit.without_mean
     if without_mean is not None and credit.without_count >= max(1, min_turns):
         if with_mean < without_mean - margin:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import cast
 
 import redis.asyncio as aioredis
 
@@ -92,6 +93,8 @@ class SkillMiner:
             return
         if message.trainable and message.turn.skill_ids:
             await self.credit(message, reward)
+        elif message.trainable and message.turn.turn_type == "main":
+            await self.count_baseline(message, reward)
         if (reward < self.settings.skill_update_threshold and message.turn.turn_type == "main"
                 and self.settings.max_new_skills > 0):
             await self.mine(message, entry_id)
@@ -111,11 +114,28 @@ class SkillMiner:
         for skill in await self._skills(turn.tenant, turn.skill_ids):
             await self._retire_if_hurting(skill)
 
+    async def count_baseline(self, scored: ScoredV1, reward: float) -> None:
+        """Count a turn with no skill injected in its tenant's baseline (once per turn)."""
+        turn = scored.turn
+        marker = self.keys.miner_done("credit", turn.tenant, turn.id)
+        if await self.redis.set(marker, b"1", ex=self.settings.dedupe_ttl_seconds, nx=True):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hincrby(self.keys.skill_baseline(turn.tenant), "count", 1)
+                pipe.hincrbyfloat(self.keys.skill_baseline(turn.tenant), "reward_sum", reward)
+                await pipe.execute()
+
+    async def _baseline(self, tenant: str) -> tuple[int, float]:
+        raw = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.skill_baseline(tenant)))
+        return int(raw.get(b"count", 0)), float(raw.get(b"reward_sum", 0.0))
+
     async def _retire_if_hurting(self, skill: Skill) -> None:
         if skill.status != "active":
             return
+        always = (await self._baseline(skill.tenant)
+                  if skill.category in self.settings.skill_always_categories else None)
         evidence = retirement_evidence(skill, self.settings.skill_retire_min_turns,
-                                       self.settings.skill_retire_margin)
+                                       self.settings.skill_retire_margin,
+                                       always_baseline=always)
         if evidence is None:
             return
         try:

@@ -1,10 +1,12 @@
-"""``python -m services.stack demo|dev|chat``: Reef on this machine, no Docker needed.
+"""``python -m services.stack demo|smoke|dev|chat``: Reef on this machine, no Docker needed.
 
-``demo`` starts Redis (a private one when none is reachable), the embedded policy
-server and the gateway (with ``--loop`` also the scorer and the trainer, see
-``services/stack/launch.py``); sends a few conversations through the gateway with the official
-``openai`` client; prints what was recorded; and stops everything. ``dev`` starts the
-same stack and leaves it running; ``chat`` talks to a running ``dev`` stack.
+``demo`` runs the whole learning loop with a scripted user and reports how the agent
+improved (``services/stack/demo.py``). ``smoke`` starts Redis (a private one when none is
+reachable), the embedded policy server and the gateway (with ``--loop`` also the scorer,
+the trainer and the skill-miner, see ``services/stack/launch.py``); sends a few
+conversations through the gateway with the official ``openai`` client; prints what was
+recorded; and stops everything. ``dev`` starts the same stack and leaves it running;
+``chat`` talks to a running ``dev`` stack.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, cast
 
 import openai
 
-from services.stack import rollback, skills_cli
+from services.stack import demo, rollback, skills_cli
 from services.stack.launch import StackInfo, start_stack
 from services.stack.openclaw import main as openclaw_main
 from services.stack.procs import Stack, StackError
@@ -88,10 +90,10 @@ def show_recorded(settings: Settings, info: StackInfo, sessions: list[str]) -> i
     return len(found)
 
 
-def demo(settings: Settings, loop: bool) -> int:
+def smoke(settings: Settings, loop: bool) -> int:
     stack = Stack(settings.data_dir)
     try:
-        info = start_stack(settings, stack, learning=loop)
+        info = start_stack(settings, stack, learning=loop, skills=loop)
         sessions = converse(info, time.strftime("%H%M%S"))
         count = show_recorded(settings, info, sessions)
     except StackError as exc:
@@ -108,7 +110,7 @@ def demo(settings: Settings, loop: bool) -> int:
 def dev(settings: Settings, loop: bool) -> int:
     stack = Stack(settings.data_dir)
     try:
-        info = start_stack(settings, stack, learning=loop)
+        info = start_stack(settings, stack, learning=loop, skills=loop)
         state = Path(settings.data_dir) / STATE_FILE
         state.write_text(info.to_json())
         print(f"\nReef is running. Talk to it: python -m services.stack chat   (state in {state})")
@@ -169,13 +171,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="reef", description=__doc__,
         epilog="also: reef skills --help (the skill library), reef rollback N")
-    commands = {"demo": demo, "dev": dev, "chat": chat, "hash-key": hash_key}
+    commands = {"demo": None, "smoke": smoke, "dev": dev, "chat": chat, "hash-key": hash_key}
     parser.add_argument("command", choices=list(commands))
     parser.add_argument("--loop", action="store_true",
-                        help="also start the scorer and the trainer (the learning loop)")
+                        help="smoke/dev: also start the scorer, the trainer and the skill-miner")
+    parser.add_argument("--steps", type=int, default=demo.STEPS,
+                        help="demo: trainer steps (16 conversations each)")
     args = parser.parse_args(argv)
     settings = Settings(profile="dev")
-    sys.exit(commands[args.command](settings, args.loop))
+    command = commands[args.command]
+    sys.exit(demo.run(settings, args.steps) if command is None else command(settings, args.loop))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,15 @@ COMMON_ENV: dict[str, str] = {
 }
 """Environment of every service of the local stack."""
 
+SKILLS_ENV: dict[str, str] = {
+    "REEF_USE_SKILLS": "true",
+    "REEF_ENABLE_SKILL_EVOLUTION": "true",
+    "REEF_MINER_BACKEND": "corrections",
+    "REEF_SKILL_AUTO_PROMOTE": "true",
+}
+"""The skill loop with no API key: the gateway injects skills, the skill-miner turns the
+user's corrections into preference skills (no LLM) and promotes them at once."""
+
 READY_TIMEOUT_SECONDS = 600.0
 """How long the policy server may take to come up (the first run converts the model)."""
 
@@ -60,6 +69,7 @@ class StackInfo:
     policy_url: str
     scorer_metrics_url: str = ""
     trainer_metrics_url: str = ""
+    skill_miner_metrics_url: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -92,14 +102,16 @@ def ensure_redis(settings: Settings, stack: Stack) -> str:
 
 
 def start_stack(settings: Settings, stack: Stack, *, learning: bool = False,
-                env: dict[str, str] | None = None) -> StackInfo:
+                skills: bool = False, env: dict[str, str] | None = None) -> StackInfo:
     """Redis, policy server and gateway; with ``learning`` also the scorer and the
-    trainer. ``env`` is added to every service's environment (after :data:`LOOP_ENV`)."""
+    trainer, with ``skills`` (and ``learning``) also the skill-miner (:data:`SKILLS_ENV`).
+    ``env`` is added to every service's environment (after :data:`LOOP_ENV`)."""
     redis_url = ensure_redis(settings, stack)
     common = {**COMMON_ENV, "REEF_REDIS_URL": redis_url, "REEF_DATA_DIR": str(settings.data_dir),
               "REEF_NAMESPACE": settings.namespace, "REEF_MODEL_NAME": settings.model_name,
               "REEF_ADAPTER_NAME": settings.adapter_name,
-              **(LOOP_ENV if learning else {}), **(env or {})}
+              **(LOOP_ENV if learning else {}), **(SKILLS_ENV if skills else {}),
+              **(env or {})}
     policy_url = start_policy(stack, common)
     key = "sk-reef-local-" + secrets.token_hex(8)
     gateway_url = start_gateway(stack, common, policy_url, key)
@@ -107,7 +119,7 @@ def start_stack(settings: Settings, stack: Stack, *, learning: bool = False,
                      model=settings.model_name, namespace=settings.namespace,
                      policy_url=policy_url)
     if learning:
-        info = StackInfo(**{**asdict(info), **start_learners(stack, common)})
+        info = StackInfo(**{**asdict(info), **start_learners(stack, common, skills=skills)})
     print(f"gateway  : {gateway_url}/v1  (API key {key})", flush=True)
     return info
 
@@ -136,15 +148,18 @@ def start_gateway(stack: Stack, common: dict[str, str], policy_url: str, key: st
     return url
 
 
-def start_learners(stack: Stack, common: dict[str, str]) -> dict[str, str]:
-    """The scorer and the trainer, each with a ``/metrics`` port; their metrics URLs."""
+def start_learners(stack: Stack, common: dict[str, str], *, skills: bool = False
+                   ) -> dict[str, str]:
+    """The scorer and the trainer (and with ``skills`` the skill-miner), each with a
+    ``/metrics`` port; their metrics URLs."""
     urls = {}
-    for name in ("scorer", "trainer"):
+    names = ("scorer", "trainer", "skill_miner") if skills else ("scorer", "trainer")
+    for name in names:
         port = free_port()
         stack.start_service(name, {**common, "REEF_METRICS_PORT": str(port),
                                    "REEF_WORKER_BLOCK_MS": "500"})
         urls[f"{name}_metrics_url"] = f"http://127.0.0.1:{port}/metrics"
-    for name in ("scorer", "trainer"):
+    for name in names:
         stack.wait_http(name, urls[f"{name}_metrics_url"], timeout=120)
         print(f"{name:<9}: running (metrics {urls[f'{name}_metrics_url']})", flush=True)
     return urls
