@@ -15,11 +15,12 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
 
-from services.gateway.dashboard import preview
+from services.gateway.dashboard import ScoredTail, preview, scored_summary
 from shared.keys import SCORED, TURNS, WEIGHTS, Keys
 from shared.messages import ScoredV1, WeightsEventV1
 from shared.skill_store import SkillStore
@@ -174,6 +175,23 @@ def newest_id(body: dict[str, Any]) -> str:
     return str(body["turns"][-1]["entry_id"])
 
 
+def test_the_scored_tail_keeps_the_newest_entries_newest_first() -> None:
+    def entries(*ids: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        turn = {"tenant": "alpha", "session_id": "s", "messages": []}
+        return [(f"{i}-0".encode(), {b"kind": b"scored.v1", b"data": orjson.dumps(
+            {"reward": i / 10, "created_at": float(i), "turn": turn})}) for i in ids]
+
+    tail = ScoredTail(3)
+    assert tail.min_id == "-"
+    tail.add(entries(2, 1))  # XREVRANGE answers newest first
+    assert tail.min_id == "(2-0"
+    tail.add([*entries(5, 4, 3), (b"9-9", {b"kind": b"other.v1", b"data": b"{}"})])
+    assert [r["entry_id"] for r in tail.rows] == ["5-0", "4-0", "3-0"]
+    summary = scored_summary(tail.rows, None)
+    assert summary["points"] == [[3.0, 0.3], [4.0, 0.4], [5.0, 0.5]]
+    assert scored_summary(tail.rows, "beta")["count"] == 0
+
+
 def test_preview_masks_secrets_and_personal_data() -> None:
     text = preview("Bearer abcdefghijkl token=hunter22 call +44 20 7946 0958 at 10.1.2.3\n"
                    "ghp_abcdefghijklmnopqrstuvwxyz")
@@ -244,9 +262,15 @@ def test_the_page_renders_real_data_in_chromium(populated: GatewayProcess,
         assert text("#live-headline") == "v3 (reef-v3)"
         assert "+0.300" in text("#swaps tbody tr:first-child")
 
-        # It refreshes by itself: a new version shows up without a reload.
+        # It refreshes by itself: a new version and a new scored turn show up.
         publish_weights(redis_server.client(), 4)
+        turn = wait_turn(redis_server, SESSION, 3, namespace=NAMESPACE)[0]
+        scored = ScoredV1(turn=turn, reward=0.9)
+        redis_server.client().xadd(Keys(NAMESPACE).stream(SCORED),
+                                   scored.to_fields())  # type: ignore[arg-type]
         wait.until(lambda _: text("#live-versions tbody td.version") == "v4")
+        wait.until(lambda _: text("#reward-count") == "4")
+        assert text("#turns tbody tr:first-child td:nth-child(5)") == "+0.900"
         driver.save_screenshot(str(tmp_path / "dashboard.png"))
     finally:
         driver.quit()

@@ -7,8 +7,8 @@
 ``GET /admin/dashboard/data?tenant=``   what the page shows, behind the admin key
 =====================================  ===============================================
 
-The data route reads Redis on every call (nothing is cached in the gateway): the newest
-``scored`` entries (reward over time, recent turns with a short redacted preview), the
+The data route reads Redis on every call: the newest ``scored`` entries (reward over time,
+recent turns with a short redacted preview; each entry is parsed once, see ``ScoredTail``), the
 ``weights`` stream (versions, swaps, rollbacks) and which version this gateway serves, the
 skill library with its credit, and the length, dead letters and consumer groups of every
 stream. It sits behind the same admin key as the admin API (``services.gateway.admin``):
@@ -17,7 +17,9 @@ no key or a wrong one is a 401, an inference key a 403, errors in OpenAI's shape
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
@@ -43,7 +45,7 @@ STATIC_FILES = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 STREAMS = (TURNS, FINALISED, SCORED, SKILLS, WEIGHTS)
 """Every stream in ``shared.keys``, in the order events flow through them."""
 SCORED_WINDOW = 300
-"""Newest ``scored`` entries read per refresh: the reward chart's span."""
+"""Newest ``scored`` entries shown: the reward chart's span."""
 RECENT_TURNS = 25
 WEIGHTS_WINDOW = 50
 MAX_TENANTS = 50
@@ -121,38 +123,56 @@ def _entries_of(raw: Any, kind: bytes) -> Iterable[tuple[str, dict[str, Any]]]:
             yield _text(entry_id), data
 
 
-def scored_summary(raw: Any, tenant: str | None) -> dict[str, Any]:
-    """Reward points (oldest first) and the newest turns, from XREVRANGE of ``scored``."""
-    points: list[list[float]] = []
-    turns: list[dict[str, Any]] = []
-    tenants: set[str] = set()
-    for entry_id, msg in _entries_of(raw, b"scored.v1"):
-        turn = msg.get("turn")
-        if not isinstance(turn, dict):
-            continue
-        tenants.add(str(turn.get("tenant", "")))
-        if tenant is not None and turn.get("tenant") != tenant:
-            continue
-        reward = msg.get("reward")
-        created = float(msg.get("created_at") or 0.0)
-        if isinstance(reward, int | float):
-            points.append([created, float(reward)])
-        if len(turns) < RECENT_TURNS:
-            answer = turn.get("response_message")
-            turns.append({
-                "entry_id": entry_id, "created_at": created, "reward": reward,
-                "reason": msg.get("reason"), "tenant": turn.get("tenant"),
-                "session_id": turn.get("session_id"), "turn_index": turn.get("turn_index"),
-                "turn_type": turn.get("turn_type"), "policy_version": turn.get("policy_version"),
-                "skills": len(turn.get("skill_ids") or []),
-                "components": msg.get("components") or {},
-                "user": preview(_last_user(turn.get("messages"))),
-                "answer": preview(_content_text(answer.get("content"))
-                                  if isinstance(answer, dict) else ""),
-            })
-    points.reverse()
+def scored_row(entry_id: str, msg: dict[str, Any]) -> dict[str, Any] | None:
+    """What the page shows of one ``scored.v1`` entry (previews redacted), or None."""
+    turn = msg.get("turn")
+    if not isinstance(turn, dict):
+        return None
+    answer = turn.get("response_message")
+    reward = msg.get("reward")
+    return {
+        "entry_id": entry_id, "created_at": float(msg.get("created_at") or 0.0),
+        "reward": float(reward) if isinstance(reward, int | float) else None,
+        "reason": msg.get("reason"), "tenant": str(turn.get("tenant", "")),
+        "session_id": turn.get("session_id"), "turn_index": turn.get("turn_index"),
+        "turn_type": turn.get("turn_type"), "policy_version": turn.get("policy_version"),
+        "skills": len(turn.get("skill_ids") or []),
+        "components": msg.get("components") or {},
+        "user": preview(_last_user(turn.get("messages"))),
+        "answer": preview(_content_text(answer.get("content"))
+                          if isinstance(answer, dict) else ""),
+    }
+
+
+class ScoredTail:
+    """The newest ``size`` scored turns, each parsed once. Stream entries never change, so
+    a refresh reads only the entries added since the last one (a turn carries its whole
+    conversation and token logprobs: re-reading hundreds each refresh would cost the
+    gateway's event loop tens of milliseconds)."""
+
+    def __init__(self, size: int) -> None:
+        self.rows: deque[dict[str, Any]] = deque(maxlen=size)
+        """Newest first."""
+        self.size = size
+
+    @property
+    def min_id(self) -> str:
+        """The XREVRANGE lower bound: just after the newest entry held."""
+        return "(" + self.rows[0]["entry_id"] if self.rows else "-"
+
+    def add(self, raw: Any) -> None:
+        """Take the reply of ``XREVRANGE key + <min_id> COUNT <size>`` (newest first)."""
+        fresh = [row for entry_id, msg in _entries_of(raw, b"scored.v1")
+                 if (row := scored_row(entry_id, msg)) is not None]
+        self.rows.extendleft(reversed(fresh))
+
+
+def scored_summary(rows: Iterable[dict[str, Any]], tenant: str | None) -> dict[str, Any]:
+    """Reward points (oldest first) and the newest turns of ``tenant`` (or of all)."""
+    chosen = [r for r in rows if tenant is None or r["tenant"] == tenant]
+    points = [[r["created_at"], r["reward"]] for r in reversed(chosen) if r["reward"] is not None]
     rewards = [p[1] for p in points]
-    return {"points": points, "turns": turns, "tenants": tenants,
+    return {"points": points, "turns": chosen[:RECENT_TURNS],
             "count": len(rewards), "mean": sum(rewards) / len(rewards) if rewards else None}
 
 
@@ -205,21 +225,26 @@ class Dashboard:
         self._store = SkillStore(redis, self._keys, settings.stream_maxlen)
         self._router = router
         self._known_tenants = set(settings.api_keys.values())
+        self._scored = ScoredTail(SCORED_WINDOW)
+        self._lock = asyncio.Lock()
 
     async def data(self, tenant: str | None) -> dict[str, Any]:
         keys = self._keys
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xrevrange(keys.stream(SCORED), count=SCORED_WINDOW)
-            pipe.xrevrange(keys.stream(WEIGHTS), count=WEIGHTS_WINDOW)
-            for name in STREAMS:
-                pipe.xlen(keys.stream(name))
-                pipe.xlen(keys.dead(name))
-                pipe.xinfo_groups(keys.stream(name))
-            replies = await pipe.execute(raise_on_error=False)
-        for reply in replies[:2]:
-            if isinstance(reply, Exception):
-                raise reply
-        scored = scored_summary(replies[0], tenant)
+        async with self._lock:  # two refreshes at once must not add the same entries twice
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xrevrange(keys.stream(SCORED), min=self._scored.min_id,
+                               count=SCORED_WINDOW)
+                pipe.xrevrange(keys.stream(WEIGHTS), count=WEIGHTS_WINDOW)
+                for name in STREAMS:
+                    pipe.xlen(keys.stream(name))
+                    pipe.xlen(keys.dead(name))
+                    pipe.xinfo_groups(keys.stream(name))
+                replies = await pipe.execute(raise_on_error=False)
+            for reply in replies[:2]:
+                if isinstance(reply, Exception):
+                    raise reply
+            self._scored.add(replies[0])
+        scored = scored_summary(self._scored.rows, tenant)
         queues = []
         for i, name in enumerate(STREAMS):
             length, dead, groups = replies[2 + 3 * i: 5 + 3 * i]
@@ -230,7 +255,8 @@ class Dashboard:
             queues.append({"stream": name, "key": keys.stream(name), "length": length,
                            "dead_letters": dead, "groups": rows})
         skill_tenants = await self._store.tenants()
-        tenants = sorted(self._known_tenants | set(skill_tenants) | scored.pop("tenants"))
+        seen = {row["tenant"] for row in self._scored.rows}
+        tenants = sorted(self._known_tenants | set(skill_tenants) | seen)
         return {"object": "dashboard", "namespace": keys.namespace, "tenant": tenant,
                 "tenants": [t for t in tenants if t], "scored_window": SCORED_WINDOW,
                 "reward": {k: scored[k] for k in ("points", "count", "mean")},
