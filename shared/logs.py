@@ -1,7 +1,10 @@
 """Structured logs: one JSON object per line, constant event names, data in fields.
 
 Prompts, completions and secrets are never passed to a log call (see ``log_content``);
-tracebacks are logged without local variables.
+tracebacks are logged without local variables. As a last line of defence every text field
+of a record (the event, extra fields, an error and its traceback) goes through
+``shared.redact`` before it is written: a key or an e-mail address that slipped into an
+exception message comes out as ``[REDACTED_...]``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import sys
 from typing import Any
 
 import orjson
+
+from shared.redact import redact
 
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -32,6 +37,9 @@ class JSONFormatter(logging.Formatter):
             exc = record.exc_info[1]
             entry["error"] = f"{type(exc).__name__}: {exc}"
             entry["traceback"] = self.formatException(record.exc_info)
+        for key, value in entry.items():
+            if isinstance(value, str):  # a last line of defence: see shared.redact
+                entry[key] = redact(value)[0]
         return orjson.dumps(entry, default=str).decode()
 
 

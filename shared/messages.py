@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -175,6 +176,10 @@ MESSAGE_KINDS: dict[str, type[Message]] = {
 """Every kind a consumer may meet, by name."""
 
 
+_KIND_NAME = re.compile(r"[a-z][a-z0-9_]{0,30}\.v\d{1,3}")
+"""What a message kind looks like (``turn.v1``)."""
+
+
 class BadMessage(ValueError):
     """A stream entry that is not a valid message; it goes to the dead-letter stream."""
 
@@ -188,7 +193,9 @@ def decode(fields: dict[bytes, bytes]) -> Message:
     kind = kind_raw.decode(errors="replace")
     model = MESSAGE_KINDS.get(kind)
     if model is None:
-        raise BadMessage(f"unknown message kind {kind!r}")
+        # The field may hold anything (a secret too): only a kind-like name is repeated.
+        shown = kind if _KIND_NAME.fullmatch(kind) else f"({len(kind)} characters)"
+        raise BadMessage(f"unknown message kind {shown!r}")
     try:
         message = model.model_validate_json(data)
     except ValidationError as exc:

@@ -139,15 +139,21 @@ def require_metrics_key(settings: Settings, service: str) -> None:
 
 
 _WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+_HEALTHY = b'{"status":"ok"}'
 _UNAUTHORIZED = json.dumps({"error": {
     "message": "Missing or incorrect metrics key: send 'Authorization: Bearer <metrics_key>'.",
     "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}).encode()
 
 
 def _guarded(app: _WSGIApp, auth: MetricsAuth) -> _WSGIApp:
-    """``app`` behind the metrics key: a 401 in OpenAI's error shape without it."""
+    """``app`` behind the metrics key: a 401 in OpenAI's error shape without it.
+    ``/healthz`` stays open (a liveness probe needs no key)."""
 
     def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/healthz":
+            start_response("200 OK", [("Content-Type", "application/json"),
+                                      ("Content-Length", str(len(_HEALTHY)))])
+            return [_HEALTHY]
         if auth.allows(environ.get("HTTP_AUTHORIZATION")):
             return app(environ, start_response)
         start_response("401 Unauthorized", [("Content-Type", "application/json"),
@@ -171,7 +177,8 @@ def serve_metrics(
     settings: Settings, registry: CollectorRegistry | None = None, addr: str = "0.0.0.0"
 ) -> tuple[WSGIServer, Thread] | None:
     """Serve ``/metrics`` on ``settings.metrics_port`` in a background thread, behind
-    ``metrics_key`` (``Authorization: Bearer <metrics_key>``, else a 401).
+    ``metrics_key`` (``Authorization: Bearer <metrics_key>``, else a 401); ``/healthz``
+    answers 200 to anyone.
 
     Returns the server and its thread (``server.shutdown()`` stops it), or None when the
     port is 0. ``addr`` defaults to every interface because Prometheus scrapes workers

@@ -178,6 +178,7 @@ def test_a_worker_metrics_port_needs_the_metrics_key() -> None:
         assert [r.status_code for r in refused] == [401, 401, 401]
         assert refused[0].json()["error"]["code"] == "invalid_api_key"
         assert refused[0].headers["www-authenticate"] == "Bearer"
+        assert httpx.get(url.replace("/metrics", "/healthz")).status_code == 200
         ok = httpx.get(url, headers={"Authorization": "Bearer scrape-me-key"})
         assert ok.status_code == 200 and "reef_test_things_total 1.0" in ok.text
     finally:
