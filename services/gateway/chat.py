@@ -6,8 +6,10 @@ SSE events) that the ASGI endpoint in ``services.gateway.endpoint`` sends.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,9 @@ from shared.settings import Settings
 
 POLICY_VERSION_HEADER = "x-reef-policy-version"
 """Header by which a policy server names the weights that produced an answer."""
+DURABLE_WAIT_SECONDS = 2.0
+"""Longest an answer's last bytes wait for its turn to be in Redis or the spool (a
+pipeline round trip, normally); past it the answer goes out and the turn stays queued."""
 
 
 @dataclass(slots=True)
@@ -118,17 +123,19 @@ class ChatHandler:
         if strips[0] or strips[1]:
             strip_unasked(data, strips[0], strips[1])
             raw = orjson.dumps(data)
-        self._record(chat, tenant, answer, resp, started, True, skill_ids)
+        await _durable(self._record(chat, tenant, answer, resp, started, True, skill_ids))
         self._ok_whole.inc()
         return Reply(chat.session_id, body=raw)
 
     async def _relay(self, resp: aiohttp.ClientResponse, chat: ChatRequest, tenant: str,
                      started: float, strips: tuple[bool, bool, bool],
                      skill_ids: tuple[str, ...]) -> AsyncIterator[bytes]:
-        """Each upstream SSE event reaches the client as soon as it is complete."""
+        """Each upstream SSE event reaches the client as soon as it is complete, but for
+        ``[DONE]`` (or the end of the body): it waits until the turn is durable."""
         assembler = StreamAssembler()
-        completed = False
+        completed = recorded = False
         event: list[bytes] = []
+        held = b""
         try:
             async for line in resp.content:
                 if line.strip():
@@ -136,12 +143,20 @@ class ChatHandler:
                     continue
                 out = self._event(event, assembler, strips)
                 event = []
-                if out:
+                if out.strip() in _DONE_EVENTS:
+                    held = out
+                elif out:
                     yield out
             out = self._event(event, assembler, strips)
-            if out:
+            if out.strip() in _DONE_EVENTS:
+                held = out
+            elif out:
                 yield out
-            completed = True
+            completed = recorded = True
+            await _durable(self._record(chat, tenant, assembler.finish(), resp, started, True,
+                                        skill_ids))
+            if held:
+                yield held
         except (TimeoutError, aiohttp.ClientError) as exc:
             kind = "timeout" if isinstance(exc, TimeoutError) else "stream"
             self._metrics.upstream_errors.labels(kind).inc()
@@ -151,8 +166,9 @@ class ChatHandler:
             # Closing (not releasing) an unfinished response drops the upstream connection,
             # so a client that went away also stops the upstream's generation.
             resp.release() if completed else resp.close()
-            self._record(chat, tenant, assembler.finish(), resp, started, completed,
-                         skill_ids)
+            if not recorded:
+                self._record(chat, tenant, assembler.finish(), resp, started, completed,
+                             skill_ids)
             self._metrics.requests.labels("true", "200" if completed else "aborted").inc()
 
     @staticmethod
@@ -187,11 +203,12 @@ class ChatHandler:
 
     def _record(self, chat: ChatRequest, tenant: str, answer: Answer,
                 resp: aiohttp.ClientResponse, started: float, completed: bool,
-                skill_ids: tuple[str, ...]) -> None:
+                skill_ids: tuple[str, ...]) -> asyncio.Future[None]:
+        """Queue the turn; the future is done once it is in Redis or the spool."""
         latency = time.perf_counter() - started
         self._seconds[chat.stream].observe(latency)
         body = chat.body
-        self._recorder.record({
+        return self._recorder.record({
             "kind": "turn.v1", "id": new_id(), "created_at": time.time(),
             "tenant": tenant, "session_id": chat.session_id, "turn_type": chat.turn_type,
             "session_done": chat.session_done, "request_model": chat.request_model,
@@ -204,6 +221,15 @@ class ChatHandler:
             "latency_seconds": latency, "stream": chat.stream, "completed": completed,
             "skill_ids": skill_ids, "response_id": answer.response_id,
         })
+
+
+_DONE_EVENTS = (b"data: [DONE]", b"data:[DONE]")
+
+
+async def _durable(recorded: asyncio.Future[None]) -> None:
+    """Wait (at most ``DURABLE_WAIT_SECONDS``) until a turn is in Redis or the spool."""
+    with suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(recorded), DURABLE_WAIT_SECONDS)
 
 
 def _rewrite_chunk(chunk: dict[str, Any], strips: tuple[bool, bool, bool]) -> bytes | None:

@@ -1,7 +1,10 @@
 """Recording turns off the request path: memory queue -> Redis, or a local spool.
 
-The request handler calls ``Recorder.record(turn)``, which never waits and never fails.
-A background task sends queued turns to Redis in pipelines. A Lua script makes each
+The request handler calls ``Recorder.record(turn)``, which never blocks and never fails;
+it returns a future that is done once the turn is in Redis or in the spool (fsynced). The
+chat handler awaits it (bounded) before the last bytes of its answer, so a gateway killed
+right after answering has no answered turn left only in its memory. A background task
+sends queued turns to Redis in pipelines. A Lua script makes each
 append idempotent and assigns the turn index in the same step (see ``_RECORD_LUA``).
 While Redis is unreachable, turns are appended to a local JSONL spool; once Redis
 answers again the spool is replayed in order, and only then do new turns go straight to
@@ -39,6 +42,9 @@ return n
 
 RETRY_SECONDS = 1.0
 """How often a recorder in spool mode checks whether Redis is back."""
+
+Queued = tuple[dict[str, Any], "asyncio.Future[None]"]
+"""A turn waiting to be recorded, and the future done once it is durable."""
 
 
 class Spool:
@@ -91,16 +97,19 @@ class Recorder:
         self._maxlen = maxlen
         self._ttl = dedupe_ttl
         self._batch_size = batch_size
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._queue: asyncio.Queue[Queued] = asyncio.Queue()
         self._script = redis.register_script(_RECORD_LUA)
         self.spool = Spool(spool_path)
         self._spool_offset = 0
         self.spooling = self.spool.size() > 0  # a previous run left turns behind
         self._task: asyncio.Task[None] | None = None
 
-    def record(self, turn: dict[str, Any]) -> None:
-        """Queue a turn (a ``TurnV1`` as a dict, without ``turn_index``). Never blocks."""
-        self._queue.put_nowait(turn)
+    def record(self, turn: dict[str, Any]) -> asyncio.Future[None]:
+        """Queue a turn (a ``TurnV1`` as a dict, without ``turn_index``). Never blocks;
+        the future is done once the turn is in Redis or in the spool."""
+        durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((turn, durable))
+        return durable
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="reef-recorder")
@@ -112,32 +121,36 @@ class Recorder:
             await asyncio.gather(self._task, return_exceptions=True)
         leftover = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
         if leftover:
-            payloads = [orjson.dumps(t) for t in leftover]
+            payloads = [orjson.dumps(t) for t, _ in leftover]
             try:
                 if self.spooling:
                     raise ConnectionError("spool not yet replayed")
                 await asyncio.wait_for(self._send(payloads), timeout)
             except (RedisError, OSError, TimeoutError):
                 self._to_spool(payloads)
+            _settle(leftover)
 
     async def _run(self) -> None:
         while True:
             batch = await self._next_batch()
-            payloads = [orjson.dumps(t) for t in batch]
+            turns = [t for t, _ in batch]
+            payloads = [orjson.dumps(t) for t in turns]
             if not self.spooling:
                 try:
-                    await self._send(payloads, batch)
+                    await self._send(payloads, turns)
+                    _settle(batch)
                     continue
                 except (RedisError, OSError) as exc:
                     log.warning("redis_unreachable_spooling", extra={"error": type(exc).__name__})
                     self.spooling = True
             if payloads:
                 self._to_spool(payloads)
+            _settle(batch)
             await self._replay()
 
-    async def _next_batch(self) -> list[dict[str, Any]]:
+    async def _next_batch(self) -> list[Queued]:
         """The queued turns, waiting for one; in spool mode, wake up to retry Redis."""
-        batch: list[dict[str, Any]] = []
+        batch: list[Queued] = []
         if self._queue.empty():
             if self.spooling:
                 try:
@@ -193,3 +206,11 @@ class Recorder:
         self.spooling = False
         self._metrics.spool_bytes.set(0)
         log.info("spool_replayed")
+
+
+def _settle(batch: Sequence[Queued]) -> None:
+    """Tell the requests waiting on these turns that they are in Redis or the spool (or
+    that the spool failed: the loss is counted, and the answer must not wait forever)."""
+    for _, durable in batch:
+        if not durable.done():
+            durable.set_result(None)
