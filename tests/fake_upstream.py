@@ -60,9 +60,11 @@ class FakeUpstream:
 
         @app.get("/v1/models")
         async def models() -> Response:
+            loaded = [{"id": name, "object": "model", "created": 0, "owned_by": "fake",
+                       "parent": "fake-text"} for name in self.adapters]  # as vLLM lists LoRAs
             return Response(orjson.dumps({"object": "list", "data": [
-                {"id": "fake-text", "object": "model", "created": 0, "owned_by": "fake"}]}),
-                media_type="application/json")
+                {"id": "fake-text", "object": "model", "created": 0, "owned_by": "fake"},
+                *loaded]}), media_type="application/json")
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:

@@ -47,15 +47,42 @@ class AdapterRouter:
         self._stream = Keys(settings.namespace).stream(WEIGHTS)
         self._routed = frozenset({settings.adapter_name, settings.model_name})
         self.live: dict[str, WeightsEventV1] = {}
+        self._owners: dict[str, str] = {}
+        """Adapter name -> the tenant it was trained for, for every adapter seen."""
         self._task: asyncio.Task[None] | None = None
         self._unloads: set[asyncio.Task[None]] = set()
 
     def route(self, tenant: str, model: str) -> str | None:
-        """The adapter name to send instead of ``model``, or None to leave it."""
+        """The adapter name to send instead of ``model``, or None to leave it; a 404 when
+        ``model`` names another tenant's adapter (a client may name any model, and the
+        upstream serves whatever adapter is loaded)."""
+        if not self.visible(tenant, model):
+            raise APIError(404, f"The model '{model}' does not exist or you do not have "
+                                "access to it.", code="model_not_found", param="model")
         if model not in self._routed or not self.live:
             return None
         event = self.live.get(tenant) or self.live.get(ALL_TENANTS)
         return None if event is None else event.adapter
+
+    def visible(self, tenant: str, model: str) -> bool:
+        """Whether ``tenant`` may use ``model``: anything but another tenant's adapter."""
+        owner = self._owners.get(model)
+        return owner is None or owner in (tenant, ALL_TENANTS)
+
+    def visible_models(self, raw: bytes, tenant: str) -> bytes:
+        """An upstream's ``/models`` answer without the other tenants' adapters."""
+        if not self._owners:
+            return raw
+        try:
+            listing = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw
+        data = listing.get("data") if isinstance(listing, dict) else None
+        if not isinstance(data, list):
+            return raw
+        listing["data"] = [m for m in data if not isinstance(m, dict)
+                           or self.visible(tenant, str(m.get("id")))]
+        return orjson.dumps(listing)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._follow(), name="reef-adapters")
@@ -95,8 +122,9 @@ class AdapterRouter:
                 event = decode(fields)
             except BadMessage:
                 continue
-            if isinstance(event, WeightsEventV1) and event.tenant not in newest:
-                newest[event.tenant] = fields
+            if isinstance(event, WeightsEventV1):
+                self._owners.setdefault(event.adapter, event.tenant)
+                newest.setdefault(event.tenant, fields)
         for fields in newest.values():
             await self._apply(fields)
         return entries[0][0] if entries else "0-0"
@@ -104,11 +132,15 @@ class AdapterRouter:
     async def _apply(self, fields: dict[bytes, bytes]) -> None:
         try:
             event = decode(fields)
-        except BadMessage:
+        except BadMessage as exc:  # skipped: a follower has no group to dead-letter in
             self._metrics.adapter_swaps.labels("bad_event").inc()
+            log.error("gateway.bad_weights_event", extra={"error": str(exc)[:200]})
             return
         if not isinstance(event, WeightsEventV1):
+            self._metrics.adapter_swaps.labels("bad_event").inc()
+            log.error("gateway.bad_weights_event", extra={"error": f"kind {event.kind}"})
             return
+        self._owners[event.adapter] = event.tenant
         current = self.live.get(event.tenant)
         # Events apply in stream order, so a rollback (an older version published again)
         # takes effect like any new version.

@@ -112,7 +112,7 @@ def _add_routes(app: FastAPI, gw: Gateway) -> None:
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        gw.auth(request.headers)
+        caller = gw.auth(request.headers)
         names = gw.settings.served_model_names or list(gw.settings.model_map)
         if names:
             data = [{"id": n, "object": "model", "created": 0, "owned_by": "reef"}
@@ -126,7 +126,8 @@ def _add_routes(app: FastAPI, gw: Gateway) -> None:
             resp.release()
         if resp.status >= 400:
             raise upstream_error(resp.status, raw)
-        return Response(raw, media_type="application/json")
+        return Response(gw.router.visible_models(raw, caller.tenant),
+                        media_type="application/json")
 
     @app.get("/healthz")
     async def healthz() -> Response:
