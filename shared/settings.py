@@ -311,6 +311,11 @@ class Settings(BaseSettings):
     teacher_base_url: str = ""
     """OpenAI-compatible completions endpoint of the teacher (``echo`` + ``logprobs``)."""
     kl_penalty_coef: float = 1.0
+    """On-policy distillation: weight of the per-token reverse KL to the teacher."""
+    kl_base_coef: float = 0.0
+    """RL: weight of a per-token KL penalty to the base model, folded into the advantages
+    on every step (also when a batch's rewards are all equal). It keeps a small model from
+    drifting into reward-hacking gibberish; costs one forward pass of the base per step."""
 
     @field_validator("api_keys")
     @classmethod

@@ -108,6 +108,19 @@ def test_logprobs_match_a_full_log_softmax(trained: LocalBackend) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_base_logprobs_switch_the_adapter_off(base_dir: Path, tmp_path: Path) -> None:
+    b = backend(base_dir, tmp_path / "state")
+    d = datum(1.0)
+    assert b.base_logprobs([d]) == b.logprobs([d])  # a fresh LoRA changes nothing
+    perturb(b)
+    with torch.no_grad(), b.model.disable_adapter():
+        expected = hand_logprobs(b.model, d.tokens)
+    torch.testing.assert_close(torch.tensor(b.base_logprobs([d])[0]), expected,
+                               rtol=1e-5, atol=1e-5)
+    assert b.base_logprobs([d]) != b.logprobs([d])
+    assert b.logprobs([d]) == b.logprobs([d])  # the adapter is back on afterwards
+
+
 def test_logprobs_of_padded_batch_equal_one_by_one(trained: LocalBackend) -> None:
     short, long = datum(1.0, completion=[4, 2]), datum(1.0)
     together = trained.logprobs([short, long])

@@ -94,6 +94,35 @@ async def test_steps_publish_weights_and_never_retrain_a_turn(
     await client.aclose()
 
 
+async def test_rl_kl_to_base_trains_even_a_batch_of_equal_rewards(
+        redis_server: RedisServer, namespace: str, tiny_model: Path, tmp_path: Path) -> None:
+    plain = settings_for(namespace, redis_server.url, tiny_model, tmp_path)
+    with_kl = settings_for(namespace + "-kl", redis_server.url, tiny_model, tmp_path / "kl",
+                           kl_base_coef=0.5)
+    client = aioredis.from_url(redis_server.url)
+    try:
+        for settings, steps in ((plain, 0), (with_kl, 1)):
+            metrics = TrainerMetrics.create()
+            trainer = Trainer(settings, client, LocalBackend(
+                settings, tiny_model, settings.data_dir / "state"), metrics)
+            trainer.backend.start()
+            batch = [scored_turn(i, 1.0) for i in range(4)]  # all equal: no reward signal
+            for message in batch:
+                await trainer.on_scored(message, "0-0")
+            samples = await trainer._next_batch()
+            assert samples is not None
+            await trainer.step(samples)
+            assert trainer.version == steps
+            events = weights_events(redis_server.client(), settings.namespace)
+            assert len(events) == steps
+        # The sampler's logprobs (-3, -2.5, -1) are far from the tiny base's: a KL estimate.
+        kl = metrics.registry.get_sample_value("reef_trainer_kl")
+        assert kl is not None and kl != 0.0
+        assert events[0].metrics["datums"] == 4
+    finally:
+        await client.aclose()
+
+
 async def test_stale_samples_are_dropped(redis_server: RedisServer, namespace: str,
                                          tiny_model: Path, tmp_path: Path) -> None:
     settings = settings_for(namespace, redis_server.url, tiny_model, tmp_path, max_staleness=1)

@@ -145,11 +145,26 @@ class FakeServiceClient:
     def create_sampling_client(self, model_path: str | None = None,
                                base_model: str | None = None, retry_config: Any = None,
                                record_stability_info: bool = False) -> Any:
+        if base_model is not None:
+            return (self.cloud.log("create_sampling_client", base_model=base_model)
+                    or done(FakeSamplingClient(self.cloud, base_model)))
         return (self.cloud.log("create_sampling_client", model_path=model_path)
                 or done(("sampling-client", model_path)))
 
     def close(self, status: Any, detail: str | None = None) -> Any:
         return self.cloud.log("close", status=status) or done(None)
+
+
+class FakeSamplingClient:
+    def __init__(self, cloud: Cloud, base_model: str | None) -> None:
+        self.cloud = cloud
+        self.base_model = base_model
+
+    def compute_logprobs(self, prompt: ttypes.ModelInput,
+                         prompt_logprobs_last_n: int | None = None) -> Any:
+        tokens = prompt.to_ints()
+        return (self.cloud.log("compute_logprobs", tokens=tokens)
+                or done([None, *(-0.1 * t for t in tokens[1:])]))
 
 
 # --- fixtures ----------------------------------------------------------------------------
@@ -185,6 +200,7 @@ def sample_datums() -> list[Datum]:
      "create_training_client_from_state_with_optimizer"),
     (FakeServiceClient, tinker.ServiceClient, "create_sampling_client"),
     (FakeServiceClient, tinker.ServiceClient, "close"),
+    (FakeSamplingClient, tinker.SamplingClient, "compute_logprobs"),
     (FakeTrainingClient, tinker.TrainingClient, "forward_backward"),
     (FakeTrainingClient, tinker.TrainingClient, "forward"),
     (FakeTrainingClient, tinker.TrainingClient, "optim_step"),
@@ -305,6 +321,21 @@ def test_logprobs_come_from_a_forward_pass(
     assert name == "forward" and call["loss_fn"] == "cross_entropy"
     assert all(d.loss_fn_inputs["weights"].tolist() == [0.0] * 4 for d in call["data"])
     assert "optim_step" not in cloud.names()
+
+
+def test_base_logprobs_come_from_a_base_model_sampling_client(
+        cloud: Cloud, make_backend: Callable[..., TinkerBackend]) -> None:
+    backend = make_backend()
+    backend.start()
+    datums = sample_datums()
+    expected = [[-0.1 * t for t in d.tokens[1:]] for d in datums]
+    assert backend.base_logprobs(datums) == expected
+    assert backend.base_logprobs(datums[:1]) == expected[:1]
+    calls = [(n, c) for n, c in cloud.calls if n in ("create_sampling_client",
+                                                      "compute_logprobs")]
+    assert calls[0] == ("create_sampling_client", {"base_model": MODEL})  # created once
+    assert [c["tokens"] for n, c in calls[1:]] == [d.tokens for d in [*datums, datums[0]]]
+    assert "forward_backward" not in cloud.names() and "optim_step" not in cloud.names()
 
 
 def test_sampling_client_for_a_checkpoint(

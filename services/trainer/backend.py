@@ -95,3 +95,7 @@ class TrainingBackend(Protocol):
 
     def logprobs(self, datums: list[Datum]) -> list[list[float]]:
         """Current-policy logprobs per target position (for evaluation and KL)."""
+
+    def base_logprobs(self, datums: list[Datum]) -> list[list[float]]:
+        """The base model's (no adapter) logprobs per target position: the reference of
+        the RL mode's KL penalty (``kl_base_coef``)."""

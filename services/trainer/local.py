@@ -437,17 +437,26 @@ class LocalBackend:
     def logprobs(self, datums: list[Datum]) -> list[list[float]]:
         """Current-policy logprobs of every target token (prompt positions included)."""
         with self._lock, torch.no_grad():
-            model = self.model
-            result: list[list[float]] = []
-            for group in micro_batches(datums, self.micro_batch_tokens):
-                batch = collate(group, self.device)
-                flat = target_logprobs(model, batch, batch.real).cpu().tolist()
-                offset = 0
-                for datum in group:
-                    n = len(datum.tokens) - 1
-                    result.append(flat[offset:offset + n])
-                    offset += n
-            return result
+            return self._score(datums)
+
+    def base_logprobs(self, datums: list[Datum]) -> list[list[float]]:
+        """The base model's logprobs of every target token: the same forward pass with the
+        LoRA layers switched off (peft's ``disable_adapter``)."""
+        with self._lock, torch.no_grad(), self.model.disable_adapter():
+            return self._score(datums)
+
+    def _score(self, datums: list[Datum]) -> list[list[float]]:
+        """Logprobs of every target token under the model as it is now (no gradient)."""
+        result: list[list[float]] = []
+        for group in micro_batches(datums, self.micro_batch_tokens):
+            batch = collate(group, self.device)
+            flat = target_logprobs(self.model, batch, batch.real).cpu().tolist()
+            offset = 0
+            for datum in group:
+                n = len(datum.tokens) - 1
+                result.append(flat[offset:offset + n])
+                offset += n
+        return result
 
     # --- checkpoints ---------------------------------------------------------------------
 

@@ -37,7 +37,8 @@ class TrainerMetrics:
                               registry=reg),
             advantage_abs_mean=Gauge("reef_trainer_advantage_abs_mean",
                                      "Mean |advantage| of the last batch.", registry=reg),
-            kl=Gauge("reef_trainer_kl", "Mean per-token KL to the teacher (opd).",
+            kl=Gauge("reef_trainer_kl", "Mean per-token KL estimate to the teacher (opd) or to the "
+                     "base model (rl with kl_base_coef).",
                      registry=reg),
             samples=Counter("reef_trainer_samples_total", "Samples by fate.", ["fate"],
                             registry=reg),

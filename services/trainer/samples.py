@@ -96,6 +96,16 @@ def to_datums(samples: list[Sample], advs: list[float]) -> list[Datum]:
             for s, a in zip(samples, advs, strict=True) if abs(a) > 1e-9]
 
 
+def kl_shaped(advantage: float, sampled: list[float], base: list[float],
+              coef: float) -> list[float]:
+    """Per-token advantages with a KL penalty to the base model folded in: each completion
+    token's advantage is ``advantage - coef * (sampled - base)``, its logprob under the
+    policy that sampled it minus under the base model (a one-sample estimate of the
+    reverse KL). Tokens the base finds likelier are pushed up, the others down, even
+    when the rewards of a batch are all equal."""
+    return [advantage - coef * (s - b) for s, b in zip(sampled, base, strict=True)]
+
+
 def is_held_out(turn_id: str, every: int) -> bool:
     """Whether a turn belongs to the gate's held-out replay (every ``every``-th turn, by
     a hash of its id, so every trainer replica and restart agrees); 0 holds none out."""

@@ -37,6 +37,7 @@ from services.trainer.samples import (
     adapter_label,
     advantages,
     is_held_out,
+    kl_shaped,
     to_datums,
     to_sample,
 )
@@ -44,6 +45,7 @@ from shared.keys import WEIGHTS, Keys
 from shared.messages import Message, ScoredV1, WeightsEventV1
 from shared.redact import sensitive_for_tinker
 from shared.settings import Settings
+from shared.worker import Reject
 
 log = logging.getLogger("reef.trainer")
 
@@ -84,7 +86,9 @@ class Trainer:
 
     async def on_scored(self, message: Message, _entry_id: str) -> None:
         """Buffer a trainable scored turn (idempotent: keyed by the turn id)."""
-        if not isinstance(message, ScoredV1) or self.settings.mode == "skills_only":
+        if not isinstance(message, ScoredV1):
+            raise Reject(f"expected scored.v1, got {message.kind}")
+        if self.settings.mode == "skills_only":
             return
         if self.settings.train_tenant and message.turn.tenant != self.settings.train_tenant:
             return
@@ -163,6 +167,10 @@ class Trainer:
         if self.teacher is not None:
             datums, advs, kl = await self._distillation_datums(batch)
             self.metrics.kl.set(kl)
+        elif self.settings.kl_base_coef > 0:
+            advs = advantages(batch)
+            datums, kl = await asyncio.to_thread(self._kl_base_datums, batch, advs)
+            self.metrics.kl.set(kl)
         else:
             advs = advantages(batch)
             datums = to_datums(batch, advs)
@@ -206,6 +214,23 @@ class Trainer:
             candidate_lp = mean_completion_lp(snapshot.samples, logprobs)
         checkpoint = self.backend.save(name)
         return checkpoint, loss, result.metrics, candidate_lp
+
+    def _kl_base_datums(self, batch: list[Sample], advs: list[float]
+                        ) -> tuple[list[Datum], float]:
+        """RL datums with the KL penalty to the base model in their per-token advantages
+        (every sample: the penalty trains even where the reward advantage is zero), and the
+        mean per-token KL estimate (sampled minus base logprob). Blocking: a forward pass."""
+        plain = [Datum.from_sample(s.prompt, s.completion, s.logprobs, 0.0) for s in batch]
+        base = self.backend.base_logprobs(plain)
+        datums, gaps = [], []
+        for sample, adv, lps in zip(batch, advs, base, strict=True):
+            base_lps = lps[-len(sample.completion):]
+            per_token = kl_shaped(adv, sample.logprobs, base_lps, self.settings.kl_base_coef)
+            gaps += [s - b for s, b in zip(sample.logprobs, base_lps, strict=True)]
+            if any(abs(a) > 1e-9 for a in per_token):
+                datums.append(Datum.from_sample(sample.prompt, sample.completion,
+                                                sample.logprobs, per_token))
+        return datums, statistics.fmean(gaps)
 
     async def _distillation_datums(self, batch: list[Sample]
                                    ) -> tuple[list[Datum], list[float], float]:

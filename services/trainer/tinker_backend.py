@@ -142,6 +142,7 @@ class TinkerBackend:
         self._record_path = settings.data_dir / "tinker" / f"{settings.adapter_name}.json"
         self._service: Any = None
         self._training: Any = None
+        self._base_sampler: Any = None
         self.step = 0
         self._pending_loss = 0.0
         self._pending_metrics: dict[str, float] = {}
@@ -255,6 +256,29 @@ class TinkerBackend:
         out: ttypes.ForwardBackwardOutput = self._wait(
             self._client().forward(data, "cross_entropy"), "forward")
         return _output_logprobs(out, datums, "forward")
+
+    def base_logprobs(self, datums: list[Datum]) -> list[list[float]]:
+        """The base model's logprobs per target position, from a sampling client of the
+        base model (created once): ``compute_logprobs`` scores one sequence per call, so
+        every call is sent before the first is awaited."""
+        if not datums:
+            return []
+        if self._base_sampler is None:
+            if self._service is None:
+                raise TinkerBackendError("base_logprobs needs start() first")
+            self._base_sampler = self._wait(self._service.create_sampling_client(
+                base_model=self.settings.model_name), "create_sampling_client")
+        futures = [self._base_sampler.compute_logprobs(ttypes.ModelInput.from_ints(d.tokens))
+                   for d in datums]
+        result = []
+        for datum, future in zip(datums, futures, strict=True):
+            scored: list[float | None] = self._wait(future, "compute_logprobs")
+            if len(scored) != len(datum.tokens):
+                raise TinkerBackendError(f"compute_logprobs returned {len(scored)} logprobs "
+                                         f"for {len(datum.tokens)} tokens")
+            # The first token has no logprob (nothing precedes it): targets start at 1.
+            result.append([0.0 if lp is None else float(lp) for lp in scored[1:]])
+        return result
 
     def sampling_client_for(self, checkpoint: Checkpoint) -> Any:
         """A Tinker ``SamplingClient`` serving ``checkpoint``'s sampler weights (for a
