@@ -388,3 +388,26 @@ async def test_tinker_never_gets_a_turn_with_secrets(redis_server: RedisServer,
     assert sensitive_for_tinker(settings, secret.messages) is not None
     local = settings.model_copy(update={"backend": "local"})
     assert sensitive_for_tinker(local, secret.messages) is None  # never leaves: kept
+
+
+# --- the dependency audit of make lint ---------------------------------------------------
+
+@pytest.mark.parametrize(("report", "status", "says"), [
+    ({"dependencies": [{"name": "jinja2", "version": "2.10", "vulns": [{"id": "GHSA-1"}]},
+                       {"name": "ok", "version": "1", "vulns": []}]}, 1, "GHSA-1"),
+    ({"dependencies": [{"name": "ok", "version": "1", "vulns": []}]}, 0,
+     "1 of 1 packages audited, 0 with"),
+    ({"dependencies": [{"name": "ok", "version": "1", "skip_reason": "Dependency not found "
+                        "on PyPI and could not be audited: ok (1)"}]}, 0, "SKIPPED 1"),
+    (None, 0, "SKIPPED - the vulnerability service could not be reached: requests"),
+])
+def test_the_audit_fails_on_a_vulnerability_and_says_when_it_skipped(
+        tmp_path: Path, report: dict[str, Any] | None, status: int, says: str) -> None:
+    report_path, log = tmp_path / "audit.json", tmp_path / "audit.log"
+    log.write_text("requests.exceptions.ConnectionError: Failed to resolve 'api.osv.dev'\n")
+    if report is not None:
+        report_path.write_text(orjson.dumps(report).decode())
+    script = Path(__file__).resolve().parent.parent / "deploy" / "audit.py"
+    done = subprocess.run([sys.executable, str(script), str(report_path), str(log)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == status and says in done.stdout, done.stdout
