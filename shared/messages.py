@@ -13,7 +13,7 @@ import os
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
@@ -131,8 +131,9 @@ class ScoredV1(Message):
 
     kind: Literal["scored.v1"] = "scored.v1"
     turn: TurnV1
-    reward: float | None
-    """None means unscored (the judge kept failing): never trained on."""
+    reward: Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)] | None
+    """In [-1, 1]; None means unscored (the judge kept failing): never trained on. A NaN
+    or out-of-range reward fails validation (dead letter) instead of reaching training."""
     components: dict[str, float] = Field(default_factory=dict)
     """Each source's reward in [-1, 1] (``judge``, ``implicit``, ``explicit``), and the
     implicit signals that fired (``implicit.correction`` ...)."""

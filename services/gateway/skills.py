@@ -221,9 +221,11 @@ class SkillInjector:
         """Fold one event into ``_active``; the tenant to re-index, if any."""
         try:
             event = decode(fields)
-        except BadMessage:
+        except BadMessage as exc:  # skipped: a follower has no group to dead-letter in
+            log.error("gateway.bad_skill_event", extra={"error": str(exc)[:200]})
             return None
         if not isinstance(event, SkillEventV1):
+            log.error("gateway.bad_skill_event", extra={"error": f"kind {event.kind}"})
             return None
         skills = self._active.setdefault(event.tenant, {})
         skill = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 from typing import Any, cast
 
@@ -219,9 +220,15 @@ def _first_feedback(values: list[bytes | None], tenant: str) -> tuple[float, str
             continue
         try:
             data = orjson.loads(raw)
-            return max(-1.0, min(1.0, float(data["score"]))), data.get("text")
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            score = float(data["score"])
+            text = data.get("text")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            score = math.nan
+        if math.isnan(score):
             log.warning("scorer.bad_feedback_entry", extra={"tenant": tenant})
+            continue
+        # A text that is not a string is dropped, not the whole turn with it.
+        return max(-1.0, min(1.0, score)), text if isinstance(text, str) else None
     return None
 
 
