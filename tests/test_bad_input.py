@@ -255,8 +255,6 @@ def test_content_parts_that_are_not_typed_objects(probe: Probe) -> None:
                   "messages[1].content[0]")
 
 
-def test_user_message_without_content(probe: Probe) -> None:
-    probe.rejects(with_message({"role": "user"}), 400, "messages[1].content", "Missing")
 
 
 def test_content_parts_and_null_assistant_content_are_served(probe: Probe) -> None:

@@ -158,20 +158,17 @@ def check_messages(messages: Any) -> None:
 
 
 def _check_message(where: str, role: str, message: dict[str, Any]) -> None:
-    """Content is a string or an array of typed parts (null or absent only for an
-    assistant or function message); a tool message names its ``tool_call_id``."""
+    """Content, when given, is a string or an array of typed parts (a missing one is left
+    to the upstream: OpenAI requires it, some servers do not); a tool message names its
+    ``tool_call_id``."""
     content = message.get("content")
-    if content is None:
-        if role not in ("assistant", "function"):
-            raise _field_error(f"{where}.content",
-                               f"Missing required parameter: '{where}.content'.")
-    elif isinstance(content, list):
+    if isinstance(content, list):
         for j, part in enumerate(content):
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                 raise _field_error(f"{where}.content[{j}]",
                                    f"{where}.content[{j}] must be an object with a "
                                    "string 'type' (e.g. {'type': 'text', 'text': ...}).")
-    elif not isinstance(content, str):
+    elif content is not None and not isinstance(content, str):
         raise _field_error(f"{where}.content",
                            f"{where}.content must be a string or an array of content "
                            f"parts, got {type(content).__name__}.")
