@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from chaos.faults import KILLED, RESTARTED
 from chaos.run import ChaosConfig, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("--timeout-rate", type=float, default=0.02,
                         help="share of upstream requests that time out")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--kinds", default=",".join(KILLED + RESTARTED),
+                        help="comma-separated processes to hit (default: all)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="default: var/chaos/run-<time>")
     args = parser.parse_args()
@@ -44,7 +47,7 @@ def main() -> None:
     report = run(ChaosConfig(data_dir, turns=args.turns, faults_per_kind=args.faults_per_kind,
                              concurrency=args.concurrency, rate=args.rate,
                              error_rate=args.error_rate, timeout_rate=args.timeout_rate,
-                             seed=args.seed))
+                             seed=args.seed, kinds=tuple(args.kinds.split(","))))
     print(report.render(), flush=True)
     (data_dir / "chaos.json").write_text(json.dumps(report.to_json(), indent=2))
     sys.exit(0 if report.ok else 1)

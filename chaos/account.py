@@ -6,8 +6,9 @@ Where each fact is read from (all in Redis, nothing from the services' memory):
   id the client saw);
 - scored: the ``scored`` stream, counted by turn id (the scorer appends one entry per turn);
 - seen by the trainer / the skill-miner: the stream worker's "handled" marker of the group
-  (``Keys.handled(group, turn id)``; a ``scored.v1``'s id is its turn's id). It is set in
-  the same MULTI as the ack and counts the acks after handling, so 2 means handled twice;
+  (``Keys.handled(group, turn id)``; a ``scored.v1``'s id is its turn's id). It is written
+  in the same MULTI as the ack: a set of the acked handlings (consumer, entry, delivery),
+  so two members mean the group handled the turn twice;
 - trained: the trainer's per-turn marker (``Keys.trained``), a count of the steps that
   trained the turn; mined: the skill-miner's ``mined`` marker;
 - dead-lettered: the ``<stream>:dead`` twins, with the reason and the group.
@@ -139,7 +140,7 @@ def _follow(client: redis.Redis, keys: Keys, acc: Accounting, rid: str, turn_id:
     if times_scored > 1:
         acc.problem("duplicated", "scored twice", rid)
     for name, group in CONSUMERS.items():
-        seen = int(client.get(keys.handled(group, turn_id)) or 0)
+        seen = int(client.scard(keys.handled(group, turn_id)))
         if seen == 0 and (turn_id, group) in dead:
             acc.dead_lettered += 1
         elif seen == 0:

@@ -2,9 +2,10 @@
 
 The plan spreads ``per_kind`` faults of every kind over the load, at random points of its
 progress (share of turns sent), in a shuffled order; each fault waits a random fraction
-of a second more, so it lands at no particular step of a request or a batch. Faults run
-one at a time: the next one waits until the process killed last is ready again. Faults
-still due when the load has ended run at once (before the pipeline is left to drain).
+of a second more, so it lands at no particular step of a request or a batch. A process is
+started again at once and not waited for, so faults overlap; it is killed again only once
+it is ready. Faults still due when the load has ended run at once (before the pipeline is
+left to drain).
 """
 
 from __future__ import annotations
@@ -57,8 +58,11 @@ class Injector:
             for point, name in self.faults:
                 while self.progress() < point:
                     time.sleep(0.02)
+                self.stack.procs[name].wait_ready()  # still starting from its last kill
                 time.sleep(self.rng.uniform(0.0, 0.5))
-                self.stack.restart(name)
+                self.stack.restart(name, wait=False)
+                print(f"fault: SIGKILL {name} at {min(1.0, self.progress()):.0%} of the load, "
+                      "restarted", flush=True)
                 self.counts["redis_restart" if name == "redis" else f"sigkill_{name}"] += 1
         except BaseException as exc:  # noqa: BLE001 - re-raised by join() in the main thread
             self.error = exc

@@ -36,6 +36,8 @@ class LoadResult:
     """Completion id -> whether it was streamed."""
     errors: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+    latencies: list[tuple[float, float]] = field(default_factory=list)
+    """(when it started, seconds to the whole answer) per answered turn."""
 
     @property
     def streamed(self) -> int:
@@ -110,6 +112,7 @@ class Load:
         """One turn; the answer's text, or None when it was not answered."""
         self.result.sent += 1
         stream = self.random.random() < self.stream_share
+        started = time.monotonic()
         try:
             if stream:
                 rid, text = await self._streamed(messages, headers)
@@ -126,7 +129,7 @@ class Load:
             return None
         except openai.APIConnectionError:
             self.result.errors["connection"] += 1
-            await asyncio.sleep(0.2)  # the gateway is down: do not spin
+            await asyncio.sleep(1.0)  # the gateway is down: do not spin
             return None
         except openai.APIError:  # an error event inside a stream
             self.result.errors["stream_error"] += 1
@@ -138,6 +141,7 @@ class Load:
             self.result.errors["stream_unfinished"] += 1
             return None
         self.result.answered[rid] = stream
+        self.result.latencies.append((started, time.monotonic() - started))
         return text
 
     async def _streamed(self, messages: list[dict[str, Any]],

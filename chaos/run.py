@@ -42,6 +42,8 @@ class ChaosConfig:
     batch_size: int = 32
     drain_timeout: float = 180.0
     seed: int | None = None
+    kinds: tuple[str, ...] = KILLED + RESTARTED
+    """The processes faults hit (default: every kind)."""
 
 
 @dataclass
@@ -54,6 +56,8 @@ class ChaosReport:
     upstream_faults: dict[str, int]
     drained: bool
     wall_seconds: float
+    phases: dict[str, float]
+    """Seconds spent starting, loading, finishing the faults, draining, accounting."""
     data_dir: str
 
     @property
@@ -86,7 +90,8 @@ class ChaosReport:
         lines += [f"  {example}" for example in a.examples]
         if not self.drained:
             lines.append("the pipeline did NOT drain before the timeout")
-        lines += [f"wall time {self.wall_seconds:.0f} s (load {load.seconds:.0f} s); "
+        phases = ", ".join(f"{k} {v:.0f} s" for k, v in self.phases.items())
+        lines += [f"wall time {self.wall_seconds:.0f} s ({phases}); "
                   f"logs in {self.data_dir}/logs", "PASS" if self.ok else "FAIL"]
         return "\n".join(lines)
 
@@ -98,7 +103,8 @@ class ChaosReport:
                 "accounting": {k: dict(v) if isinstance(v, Counter) else v
                                for k, v in vars(a).items()},
                 "faults": dict(self.faults), "upstream_faults": self.upstream_faults,
-                "drained": self.drained, "wall_seconds": self.wall_seconds, "ok": self.ok}
+                "drained": self.drained, "wall_seconds": self.wall_seconds,
+                "phases": self.phases, "ok": self.ok}
 
 
 def run(config: ChaosConfig) -> ChaosReport:
@@ -109,27 +115,36 @@ def run(config: ChaosConfig) -> ChaosReport:
                               batch_size=config.batch_size, seed=config.seed))
     stack.build()
     try:
-        stack.start()
+        stack.start(wait_workers=False)
+        phases = {"start": time.monotonic() - started}
         load = Load(stack.gateway_url + "/v1", API_KEY, MODEL, config.turns, config.concurrency,
                     config.rate, config.stream_share, config.seed)
-        faults = plan(config.faults_per_kind, KILLED + RESTARTED, rng)
+        faults = plan(config.faults_per_kind, config.kinds, rng)
         injector = Injector(stack, faults, lambda: load.result.sent / config.turns, rng)
         injector.start()
         result = asyncio.run(load.run())
+        phases["load"] = result.seconds
+        mark = time.monotonic()
         injector.join()
+        stack.wait_ready()
+        phases["faults after the load"] = time.monotonic() - mark
         client = redis.Redis.from_url(stack.redis_url)
         try:
             keys = Keys(NAMESPACE)
             spool = config.data_dir / "gateway" / "spool" / "turns.jsonl"
+            mark = time.monotonic()
             drained = drain(client, keys, spool, config.drain_timeout)
+            phases["drain"] = time.monotonic() - mark
+            mark = time.monotonic()
             accounting = account(client, keys, ADAPTER, TENANT, list(result.answered))
+            phases["accounting"] = time.monotonic() - mark
         finally:
             client.close()
         upstream = _upstream_stats(stack)
     finally:
         stack.close()
     return ChaosReport(result, accounting, injector.counts, upstream, drained,
-                       time.monotonic() - started, str(config.data_dir))
+                       time.monotonic() - started, phases, str(config.data_dir))
 
 
 def _upstream_stats(stack: Stack) -> dict[str, int]:

@@ -117,8 +117,9 @@ class Stack:
                                        self.log_dir, http_ok(f"http://127.0.0.1:{port}/metrics"),
                                        ready_timeout)
 
-    def start(self) -> None:
-        """Start every process (Redis first), then wait until each is ready."""
+    def start(self, wait_workers: bool = True) -> None:
+        """Start every process (Redis first), then wait until each is ready (the stream
+        workers only with ``wait_workers``: a load can start before they consume)."""
         if self.config.with_trainer:
             subprocess.run([sys.executable, "-m", "chaos.tiny_model",
                             str(self.tiny_model_dir())], check=True)
@@ -127,15 +128,22 @@ class Stack:
         for name, proc in self.procs.items():
             if name != "redis":
                 proc.start()
+        for name, proc in self.procs.items():
+            if wait_workers or name not in WORKERS:
+                proc.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait until every process is ready."""
         for proc in self.procs.values():
             proc.wait_ready()
 
-    def restart(self, name: str) -> None:
-        """SIGKILL one process and start it again (waiting until it is ready)."""
+    def restart(self, name: str, wait: bool = True) -> None:
+        """SIGKILL one process and start it again (and wait until it is ready)."""
         proc = self.procs[name]
         proc.kill()
         proc.start()
-        proc.wait_ready()
+        if wait:
+            proc.wait_ready()
 
     def close(self) -> None:
         """Stop the services first (gracefully), Redis last."""

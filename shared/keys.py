@@ -52,7 +52,8 @@ class Keys:
 
     def handled(self, group: str, message_id: str) -> str:
         """Marker that a consumer group finished a message (set with the ack), so a
-        redelivered or replayed entry with the same message id is acked, not handled again."""
+        redelivered or replayed entry with the same message id is acked, not handled again.
+        A Redis set of the acked handlings (one member unless a message was handled twice)."""
         return f"{self.namespace}:done:{group}:{message_id}"
 
     def session_turns(self, tenant: str, session_id: str) -> str:

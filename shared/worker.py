@@ -206,12 +206,13 @@ class StreamWorker:
         """Whether this group already finished ``message`` (by message id)."""
         return bool(await self.redis.exists(self.done_key(message)))
 
-    def mark_done(self, pipe: Pipeline, message: Message) -> None:
+    def mark_done(self, pipe: Pipeline, message: Message, handling: str = "") -> None:
         """Queue the "handled" marker in a handler's own MULTI, next to its effects. The
-        marker counts the acks after handling (dedupe keeps it at 1; the chaos suite reads
-        it to show that no message was handled twice)."""
+        marker is the set of handlings that were acked (``consumer:entry:delivery``): an
+        ack re-sent after a lost reply adds nothing, a second handling of the message adds
+        a member (dedupe keeps one; the chaos suite counts them)."""
         key = self.done_key(message)
-        pipe.incr(key)
+        pipe.sadd(key, handling or self.consumer)
         pipe.expire(key, self.settings.dedupe_ttl_seconds)
 
     async def refresh_gauges(self) -> None:
@@ -459,9 +460,10 @@ class StreamWorker:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xack(self.stream_key, self.group, *(entry.id for entry, _ in done))
             if self.dedupe:
-                for _, message in done:
+                for entry, message in done:
                     if message is not None:
-                        self.mark_done(pipe, message)
+                        self.mark_done(pipe, message,
+                                       f"{self.consumer}:{entry.id}:{entry.deliveries}")
             await pipe.execute()
         self.metrics.entries.labels(self.stream, self.group, outcome).inc(len(done))
 

@@ -1,0 +1,73 @@
+"""The chaos suite, reduced: a few hundred turns through the real stack (processes, a
+private Redis, the faulty fake upstream over HTTP) while every kind of process is SIGKILLed
+once and Redis is restarted; no answered turn may be lost or handled twice.
+
+``make chaos`` runs the same code with 5,000 turns. The accounting itself is checked
+first on hand-made Redis contents, so the big test cannot pass by counting nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from chaos.account import account
+from chaos.faults import KILLED, RESTARTED
+from chaos.run import ChaosConfig, run
+from shared.keys import GROUP_SKILL_MINER, GROUP_TRAINER, SCORED, TURNS, Keys
+from tests.conftest import RedisServer
+
+
+def _turn(turn_id: str, response_id: str) -> dict[str, str]:
+    return {"kind": "turn.v1", "data": json.dumps({"id": turn_id, "response_id": response_id})}
+
+
+def _scored(turn_id: str) -> dict[str, str]:
+    return {"kind": "scored.v1", "data": json.dumps({"id": turn_id, "turn": {"id": turn_id}})}
+
+
+def test_accounting_finds_lost_duplicated_and_dead_lettered_turns(
+        redis_server: RedisServer, namespace: str) -> None:
+    client, keys = redis_server.client(), Keys(namespace)
+    turns, scored = keys.stream(TURNS), keys.stream(SCORED)
+    for i in range(1, 7):
+        client.xadd(turns, _turn(f"t{i}", f"r{i}"))  # type: ignore[arg-type]
+    client.xadd(turns, _turn("t6b", "r6"))  # type: ignore[arg-type]  # r6 recorded twice
+    for turn_id in ("t1", "t2", "t2", "t4", "t5", "t6"):  # t2 scored twice, t3 never
+        client.xadd(scored, _scored(turn_id))  # type: ignore[arg-type]
+    for turn_id in ("t1", "t2", "t4", "t6"):
+        client.sadd(keys.handled(GROUP_SKILL_MINER, turn_id), "c1:1-0:1")
+        client.sadd(keys.handled(GROUP_TRAINER, turn_id), "c1:1-0:1")
+    client.sadd(keys.handled(GROUP_TRAINER, "t4"), "c2:1-0:2")  # t4 handled twice
+    client.sadd(keys.handled(GROUP_SKILL_MINER, "t5"), "c1:5-0:1")  # trainer dead-lettered t5
+    client.xadd(keys.dead(SCORED), {**_scored("t5"), "dead_group": GROUP_TRAINER,  # type: ignore[arg-type]
+                                    "dead_reason": "invalid: test"})
+    client.set(keys.trained("a", "t1"), 2)  # t1 trained twice
+
+    acc = account(client, keys, "a", "tenant", ["r1", "r2", "r3", "r4", "r5", "r6", "r7"])
+
+    assert acc.lost_where == {"not recorded": 1, "recorded, never scored": 1}  # r7, r3
+    assert acc.duplicated_where == {"scored twice": 1, "seen 2 times by the trainer": 1,
+                                    "recorded twice": 1, "trained 2 times": 1}
+    assert (acc.answered, acc.recorded, acc.scored, acc.dead_lettered) == (7, 6, 5, 1)
+    assert acc.seen == {"trainer": 4, "skill-miner": 5}
+    assert acc.dead_reasons == {"invalid": 1}
+
+
+def test_chaos_reduced_nothing_lost_nothing_twice(tmp_path: Path) -> None:
+    report = run(ChaosConfig(tmp_path / "run", turns=400, faults_per_kind=1, concurrency=8,
+                             rate=30, batch_size=16, drain_timeout=60, seed=11))
+    print(report.render())
+    acc = report.accounting
+    assert report.drained, report.render()
+    assert acc.lost == 0 and acc.duplicated == 0, report.render()
+    assert report.faults == {("redis_restart" if k == "redis" else f"sigkill_{k}"): 1
+                             for k in KILLED + RESTARTED}
+    assert report.upstream_faults.get("error_500", 0) > 0
+    assert report.upstream_faults.get("timeout", 0) > 0
+    answered = len(report.load.answered)
+    assert report.load.sent == 400 and answered > 300
+    assert 0 < report.load.streamed < answered
+    assert acc.recorded == answered
+    assert acc.scored + acc.dead_lettered >= answered
+    assert acc.seen["trainer"] > 0 and acc.seen["skill-miner"] > 0 and acc.trained > 0
