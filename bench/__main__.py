@@ -24,7 +24,11 @@ Learning: the whole local loop (policy, gateway, scorer, trainer) taught by a sc
 user; mean reward per round over 30+ steps, a table and a PNG plot (``bench/learning.py``;
 10-30 minutes on 2 cores).
 
-Run: ``.venv/bin/python -m bench [--part all|gateway|scorer|trainer|hotswap|skills|learning]
+Soak: 10 minutes at a fixed rate through the gateway, streaming, with the stack running;
+RSS per service at start, after the warm-up and at the end, errors, latency p50/p99; exits
+non-zero past the growth bound or on any error (``bench/soak.py``).
+
+Run: ``.venv/bin/python -m bench [--part all|gateway|scorer|trainer|hotswap|skills|learning|soak]
 [--seconds 10] [--systems direct,thin,gateway,litellm]``. Logs and ``results.json`` go to
 ``var/bench/run-<time>/``. Traffic stays on 127.0.0.1.
 """
@@ -43,7 +47,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
-from bench import hot_swap, learning, report, scorer, skills, systems, trainer_step
+from bench import hot_swap, learning, report, scorer, skills, soak, systems, trainer_step
 from bench.loadgen import API_KEY, LoadGenError, WrkResult, ensure_wrk, run_wrk
 from bench.procs import Child, CpuPlan, StartError, own_cpu_seconds, system_busy_seconds
 from bench.report import Results, Row
@@ -53,14 +57,16 @@ REQUEST = {"model": "bench-model", "max_tokens": 32, "temperature": 0.7, "messag
     {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
     {"role": "user", "content": "Say hello to the benchmark in one short sentence."}]}
 TURNS_STREAM = "reef:stream:turns"
-PARTS = ("all", "gateway", "scorer", "trainer", "hotswap", "skills", "learning")
+PARTS = ("all", "gateway", "scorer", "trainer", "hotswap", "skills", "learning", "soak")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=PARTS, default="all",
                         help="which benchmark to run (default: all of them)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="per measured row")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="per measured row (default 10); with --part soak, the soak's "
+                             f"length (default {soak.DEFAULT_SECONDS:g})")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured, before each row")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1,
@@ -77,7 +83,11 @@ def parse_args() -> argparse.Namespace:
     hot_swap.add_arguments(parser)
     skills.add_arguments(parser)
     learning.add_arguments(parser)
+    soak.add_arguments(parser)
     args = parser.parse_args()
+    args.soak_seconds = (args.seconds if args.part == "soak" and args.seconds is not None
+                         else soak.DEFAULT_SECONDS)
+    args.seconds = 10.0 if args.seconds is None else args.seconds
     unknown = set(args.systems.split(",")) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
@@ -256,6 +266,8 @@ def main() -> None:
         skills.run(args, log_dir / "skills")
     if args.part in ("all", "learning"):
         learning.run(args, log_dir / "learning")
+    if args.part in ("all", "soak") and not soak.run(args, log_dir / "soak"):
+        raise SystemExit(1)  # an error, or a service's memory grew past the bound
 
 
 def run_gateway(args: argparse.Namespace, log_dir: Path) -> None:
