@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from services.gateway.dashboard import ScoredTail, preview, scored_summary
 from shared.keys import SCORED, TURNS, WEIGHTS, Keys
 from shared.messages import ScoredV1, WeightsEventV1
+from shared.redact import Redactor
 from shared.skill_store import SkillStore
 from tests.conftest import RedisServer
 from tests.fake_upstream import FakeUpstream
@@ -153,7 +154,8 @@ def test_the_data_route_reads_real_data(populated: GatewayProcess) -> None:
     assert (newest["session_id"], newest["turn_index"], newest["reward"]) == (SESSION, 2, 0.25)
     secret_turn = body["turns"][1]
     assert SECRET not in str(body) and "bob@example.com" not in str(body)
-    assert "[secret]" in secret_turn["user"] and "[email]" in secret_turn["user"]
+    assert "[REDACTED_API_KEY]" in secret_turn["user"]
+    assert "[REDACTED_EMAIL]" in secret_turn["user"]
     assert [e["version"] for e in body["weights"]["events"]] == [3, 2, 1]
     assert [e["live"] for e in body["weights"]["events"]] == [True, False, False]
     newest_weights = body["weights"]["events"][0]
@@ -192,12 +194,16 @@ def test_the_scored_tail_keeps_the_newest_entries_newest_first() -> None:
     assert scored_summary(tail.rows, "beta")["count"] == 0
 
 
-def test_preview_masks_secrets_and_personal_data() -> None:
+def test_preview_is_one_redacted_line_redacted_before_it_is_cut() -> None:
     text = preview("Bearer abcdefghijkl token=hunter22 call +44 20 7946 0958 at 10.1.2.3\n"
                    "ghp_abcdefghijklmnopqrstuvwxyz")
-    for leaked in ("abcdefghijkl", "hunter22", "7946", "10.1.2.3", "ghp_"):
+    for leaked in ("abcdefghijkl", "hunter22", "7946", "10.1.2.3", "ghp_", "\n"):
         assert leaked not in text
-    assert preview("x" * 500).endswith("…") and len(preview("x" * 500)) == 140
+    long = preview("x" * 500)
+    assert long.endswith("…") and len(long) == 140
+    key = "sk-" + "a" * 40  # would be cut in half at 140 characters
+    assert "aaaa" not in preview("y" * 120 + " " + key)
+    assert "[REDACTED_CUSTOM]" in preview("ticket ACME-1234", Redactor(["ACME-\\d+"]))
 
 
 def _browser() -> Any:
@@ -257,7 +263,7 @@ def test_the_page_renders_real_data_in_chromium(populated: GatewayProcess,
         assert count("#reward-chart circle.dot") == 3
         turns = text("#turns tbody")
         assert "+0.750" in turns and "-0.500" in turns and SESSION in turns
-        assert "[secret]" in turns and SECRET not in driver.page_source
+        assert "[REDACTED_API_KEY]" in turns and SECRET not in driver.page_source
         assert "answer-first" in text("#skills tbody")
         assert text("#skills tbody tr:first-child td:nth-child(7)") == "+0.500"
         assert text("#queues tr[data-stream=scored] td.length") == "3"

@@ -18,7 +18,6 @@ no key or a wrong one is a 401, an inference key a 403, errors in OpenAI's shape
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,6 +33,7 @@ from services.gateway.adapters import AdapterRouter
 from services.gateway.admin import ADMIN_PREFIX, AdminAuth
 from services.gateway.errors import APIError
 from shared.keys import FINALISED, SCORED, SKILLS, TURNS, WEIGHTS, Keys
+from shared.redact import DEFAULT, Redactor
 from shared.settings import Settings
 from shared.skill_store import InvalidSkill, SkillStore, check_tenant
 from shared.skills import Skill
@@ -63,29 +63,12 @@ SECURITY_HEADERS = {
 }
 """The page runs only its own script and talks only to this gateway."""
 
-_REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"\b(Bearer)\s+\S{8,}", re.IGNORECASE), r"\1 [secret]"),
-    (re.compile(r"\b(?:sk|pk|rk)-[\w-]{12,}"), "[secret]"),
-    (re.compile(r"\b(?:gh[pousr]_|github_pat_|xox[abposr]-|AIza|hf_|glpat-|AKIA)[\w-]{12,}"),
-     "[secret]"),
-    (re.compile(r"\beyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]{5,}"), "[secret]"),
-    (re.compile(r"(?i)\b((?:api[_-]?key|token|secret|password|passwd|pwd)[\"']?\s*[:=]\s*"
-                r"[\"']?)[^\s\"',;]{4,}"), r"\1[secret]"),
-    (re.compile(r"\b[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b"), "[email]"),
-    (re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b"), "[ip]"),
-    (re.compile(r"\+?\d[\d ().-]{7,}\d"), "[number]"),
-)
-"""A preview is shown to whoever holds the admin key, so it is short and keys, tokens,
-e-mail addresses, IPs and long numbers (phones, cards) are masked. The skill-miner's
-redaction is stricter; the gateway cannot import another service, and a preview needs
-no more than this."""
 
-
-def preview(text: str) -> str:
-    """``text`` on one line, secrets and personal data masked, cut to ``PREVIEW_CHARS``."""
-    text = " ".join(text.split())
-    for pattern, replacement in _REDACTIONS:
-        text = pattern.sub(replacement, text)
+def preview(text: str, redactor: Redactor = DEFAULT) -> str:
+    """``text`` on one line with secrets and personal data replaced by placeholders (the
+    whole text, before it is cut: a cut could leave half a key unrecognised), cut to
+    ``PREVIEW_CHARS``. Whoever holds the admin key sees it; nobody else."""
+    text = redactor.redact(" ".join(text.split()))[0]
     return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS - 1] + "…"
 
 
@@ -123,7 +106,8 @@ def _entries_of(raw: Any, kind: bytes) -> Iterable[tuple[str, dict[str, Any]]]:
             yield _text(entry_id), data
 
 
-def scored_row(entry_id: str, msg: dict[str, Any]) -> dict[str, Any] | None:
+def scored_row(entry_id: str, msg: dict[str, Any],
+               redactor: Redactor = DEFAULT) -> dict[str, Any] | None:
     """What the page shows of one ``scored.v1`` entry (previews redacted), or None."""
     turn = msg.get("turn")
     if not isinstance(turn, dict):
@@ -138,9 +122,9 @@ def scored_row(entry_id: str, msg: dict[str, Any]) -> dict[str, Any] | None:
         "turn_type": turn.get("turn_type"), "policy_version": turn.get("policy_version"),
         "skills": len(turn.get("skill_ids") or []),
         "components": msg.get("components") or {},
-        "user": preview(_last_user(turn.get("messages"))),
+        "user": preview(_last_user(turn.get("messages")), redactor),
         "answer": preview(_content_text(answer.get("content"))
-                          if isinstance(answer, dict) else ""),
+                          if isinstance(answer, dict) else "", redactor),
     }
 
 
@@ -150,10 +134,11 @@ class ScoredTail:
     conversation and token logprobs: re-reading hundreds each refresh would cost the
     gateway's event loop tens of milliseconds)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, redactor: Redactor = DEFAULT) -> None:
         self.rows: deque[dict[str, Any]] = deque(maxlen=size)
         """Newest first."""
         self.size = size
+        self.redactor = redactor
 
     @property
     def min_id(self) -> str:
@@ -163,7 +148,7 @@ class ScoredTail:
     def add(self, raw: Any) -> None:
         """Take the reply of ``XREVRANGE key + <min_id> COUNT <size>`` (newest first)."""
         fresh = [row for entry_id, msg in _entries_of(raw, b"scored.v1")
-                 if (row := scored_row(entry_id, msg)) is not None]
+                 if (row := scored_row(entry_id, msg, self.redactor)) is not None]
         self.rows.extendleft(reversed(fresh))
 
 
@@ -198,11 +183,11 @@ def weights_summary(raw: Any, router: AdapterRouter | None) -> dict[str, Any]:
     return {"live": serving, "events": events}
 
 
-def skill_row(skill: Skill) -> dict[str, Any]:
+def skill_row(skill: Skill, redactor: Redactor = DEFAULT) -> dict[str, Any]:
     credit = skill.credit
     return {"id": skill.id, "tenant": skill.tenant, "name": skill.name,
             "status": skill.status, "category": skill.category, "version": skill.version,
-            "description": preview(skill.description),
+            "description": preview(skill.description, redactor),
             "with_count": credit.with_count, "with_mean": credit.with_mean,
             "without_count": credit.without_count, "without_mean": credit.without_mean}
 
@@ -225,7 +210,8 @@ class Dashboard:
         self._store = SkillStore(redis, self._keys, settings.stream_maxlen)
         self._router = router
         self._known_tenants = set(settings.api_keys.values())
-        self._scored = ScoredTail(SCORED_WINDOW)
+        self._redactor = Redactor(settings.redact_patterns)
+        self._scored = ScoredTail(SCORED_WINDOW, self._redactor)
         self._lock = asyncio.Lock()
 
     async def data(self, tenant: str | None) -> dict[str, Any]:
@@ -265,7 +251,7 @@ class Dashboard:
 
     async def _skills(self, tenant: str | None, tenants: list[str]) -> list[dict[str, Any]]:
         chosen = [tenant] if tenant is not None else tenants[:MAX_TENANTS]
-        rows = [skill_row(s) for t in chosen for s in await self._store.list(t)]
+        rows = [skill_row(s, self._redactor) for t in chosen for s in await self._store.list(t)]
         order = {status: i for i, status in enumerate(STATUS_ORDER)}
         return sorted(rows, key=lambda r: (order[r["status"]], r["tenant"], r["name"]))
 
