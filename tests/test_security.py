@@ -162,6 +162,26 @@ def test_each_key_opens_its_own_scope(gateway: GatewayProcess) -> None:
         model="fake-text", messages=[{"role": "user", "content": "hi"}]).choices
 
 
+async def test_the_policy_server_needs_the_gateways_upstream_key() -> None:
+    """In process (no model is loaded: the check comes first)."""
+    pytest.importorskip("torch")
+    from services.policy.app import create_app
+
+    app = create_app(Settings(profile="dev", upstream_api_key="sk-upstream-policy-key"))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://policy") as client:
+        assert (await client.get("/healthz")).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
+                                 ("POST", "/v1/load_lora_adapter")):
+                resp = await client.request(method, path, headers=headers, json={})
+                assert resp.status_code == 401, (method, path)
+                assert resp.json()["error"]["code"] == "invalid_api_key"
+        resp = await client.post("/v1/load_lora_adapter", json={},
+                                 headers={"Authorization": "Bearer sk-upstream-policy-key"})
+        assert resp.status_code == 503  # past the lock: the model is not loaded here
+
+
 # --- the metrics key --------------------------------------------------------------------
 
 def test_a_worker_metrics_port_needs_the_metrics_key() -> None:
