@@ -26,6 +26,9 @@ class ScorerMetrics:
     finalisation_lag: Histogram
     judge_retries: Counter
     """Judge call attempts that failed and were retried, by kind (timeout, http, connect)."""
+    reward_magnitude: Counter
+    """Sum of |reward| by sign: with ``reward``'s count it gives the mean reward
+    (``reward`` has negative buckets, so prometheus-client exports no ``_sum`` for it)."""
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> ScorerMetrics:
@@ -52,4 +55,20 @@ class ScorerMetrics:
             judge_retries=Counter("reef_scorer_judge_retries_total", "Judge call attempts "
                                   "retried, by kind of failure (timeout, http, connect).",
                                   ["kind"], registry=reg),
+            reward_magnitude=_signed(Counter(
+                "reef_scorer_reward_magnitude_total", "Sum of |reward| of scored turns, by "
+                "sign (positive, negative); mean reward = (positive - negative) / "
+                "reef_scorer_reward_count.", ["sign"], registry=reg)),
         )
+
+    def observe_reward(self, reward: float) -> None:
+        """Count one scored turn's reward in ``reward`` and ``reward_magnitude``."""
+        self.reward.observe(reward)
+        self.reward_magnitude.labels("positive" if reward >= 0 else "negative").inc(abs(reward))
+
+
+def _signed(counter: Counter) -> Counter:
+    """Both signs exported from the start, so the mean is defined before a negative reward."""
+    for sign in ("positive", "negative"):
+        counter.labels(sign)
+    return counter

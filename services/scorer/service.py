@@ -196,7 +196,7 @@ class Scorer:
             self.metrics.scored.labels(source, outcome).inc()
             return
         self.metrics.scored.labels(source, "scored").inc()
-        self.metrics.reward.observe(scored.reward)
+        self.metrics.observe_reward(scored.reward)
 
 
 def _check_turn(message: Message) -> Exception | None:
