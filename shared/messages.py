@@ -131,9 +131,9 @@ class ScoredV1(Message):
 
     kind: Literal["scored.v1"] = "scored.v1"
     turn: TurnV1
-    reward: Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)] | None
-    """In [-1, 1]; None means unscored (the judge kept failing): never trained on. A NaN
-    or out-of-range reward fails validation (dead letter) instead of reaching training."""
+    reward: Annotated[float, Field(allow_inf_nan=False)] | None
+    """None means unscored (the judge kept failing): never trained on. A NaN or infinite
+    reward fails validation (a dead letter) instead of poisoning a training batch."""
     components: dict[str, float] = Field(default_factory=dict)
     """Each source's reward in [-1, 1] (``judge``, ``implicit``, ``explicit``), and the
     implicit signals that fired (``implicit.correction`` ...)."""
