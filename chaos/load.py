@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -118,7 +118,7 @@ class Load:
                 rid, text = await self._streamed(messages, headers)
             else:
                 reply = await self.client.chat.completions.create(
-                    model=self.model, messages=messages,  # type: ignore[arg-type]
+                    model=self.model, messages=cast(Any, messages),
                     extra_headers=headers)
                 rid, text = reply.id, reply.choices[0].message.content or ""
         except openai.APIStatusError as exc:
@@ -151,7 +151,7 @@ class Load:
         finished = False
         parts: list[str] = []
         events = await self.client.chat.completions.create(
-            model=self.model, messages=messages, stream=True,  # type: ignore[arg-type]
+            model=self.model, messages=cast(Any, messages), stream=True,
             extra_headers=headers)
         async for chunk in events:
             rid = chunk.id

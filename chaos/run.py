@@ -58,6 +58,9 @@ class ChaosReport:
     wall_seconds: float
     phases: dict[str, float]
     """Seconds spent starting, loading, finishing the faults, draining, accounting."""
+    trainer_backlog: int
+    """Samples left in the trainer's buffer after the drain (fewer than a batch when its
+    step loop kept up)."""
     data_dir: str
 
     @property
@@ -80,7 +83,8 @@ class ChaosReport:
             lines.append(f"  {name:<26}{self.faults[name]:>8}")
         for name in ("error_500", "timeout"):
             lines.append(f"  {'upstream_' + name:<26}{self.upstream_faults.get(name, 0):>8}")
-        lines += ["", f"client errors: {dict(load.errors) or 'none'}"]
+        lines += ["", f"client errors: {dict(load.errors) or 'none'}",
+                  f"left in the trainer's buffer (less than a batch): {self.trainer_backlog}"]
         if a.dead_reasons:
             lines.append(f"dead-letter reasons: {dict(a.dead_reasons)}")
         if a.lost_where:
@@ -104,7 +108,8 @@ class ChaosReport:
                                for k, v in vars(a).items()},
                 "faults": dict(self.faults), "upstream_faults": self.upstream_faults,
                 "drained": self.drained, "wall_seconds": self.wall_seconds,
-                "phases": self.phases, "ok": self.ok}
+                "phases": self.phases,
+                "trainer_backlog": self.trainer_backlog, "ok": self.ok}
 
 
 def run(config: ChaosConfig) -> ChaosReport:
@@ -138,13 +143,14 @@ def run(config: ChaosConfig) -> ChaosReport:
             mark = time.monotonic()
             accounting = account(client, keys, ADAPTER, TENANT, list(result.answered))
             phases["accounting"] = time.monotonic() - mark
+            backlog = int(client.hlen(keys.trainer(ADAPTER, "buffer")))
         finally:
             client.close()
         upstream = _upstream_stats(stack)
     finally:
         stack.close()
     return ChaosReport(result, accounting, injector.counts, upstream, drained,
-                       time.monotonic() - started, phases, str(config.data_dir))
+                       time.monotonic() - started, phases, backlog, str(config.data_dir))
 
 
 def _upstream_stats(stack: Stack) -> dict[str, int]:

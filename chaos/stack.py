@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaos.procs import Proc, free_port, http_ok, python_proc, redis_proc
+from chaos.procs import Proc, ProcError, free_port, http_ok, python_proc, redis_proc
 
 API_KEY = "chaos-key"
 TENANT = "chaos"
@@ -119,15 +119,22 @@ class Stack:
 
     def start(self, wait_workers: bool = True) -> None:
         """Start every process (Redis first), then wait until each is ready (the stream
-        workers only with ``wait_workers``: a load can start before they consume)."""
-        if self.config.with_trainer:
-            subprocess.run([sys.executable, "-m", "chaos.tiny_model",
-                            str(self.tiny_model_dir())], check=True)
+        workers only with ``wait_workers``: a load can start before they consume). The
+        trainer's tiny model is built meanwhile, when missing, and the trainer after it."""
+        tiny = self.tiny_model_dir()
+        builder = None
+        if self.config.with_trainer and not (tiny / "config.json").is_file():
+            builder = subprocess.Popen([sys.executable, "-m", "chaos.tiny_model", str(tiny)],
+                                       stdout=subprocess.DEVNULL)
         self.procs["redis"].start()
         self.procs["redis"].wait_ready()
         for name, proc in self.procs.items():
-            if name != "redis":
+            if name not in ("redis", "trainer"):
                 proc.start()
+        if builder is not None and builder.wait() != 0:
+            raise ProcError("building the trainer's tiny model failed")
+        if "trainer" in self.procs:
+            self.procs["trainer"].start()
         for name, proc in self.procs.items():
             if wait_workers or name not in WORKERS:
                 proc.wait_ready()

@@ -5,6 +5,8 @@ model is small, so a step takes milliseconds and a restart seconds."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,18 +14,21 @@ from chaos.upstream import VOCAB
 
 
 def build(path: Path) -> None:
+    if (path / "config.json").is_file():
+        return
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if (path / "config.json").is_file():
-        return
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     LlamaForCausalLM(config).save_pretrained(tmp)
-    tmp.rename(path)
+    try:
+        tmp.rename(path)
+    except OSError:  # another run built it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

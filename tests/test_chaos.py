@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from chaos.account import account
 from chaos.faults import KILLED, RESTARTED
@@ -18,11 +19,11 @@ from shared.keys import GROUP_SKILL_MINER, GROUP_TRAINER, SCORED, TURNS, Keys
 from tests.conftest import RedisServer
 
 
-def _turn(turn_id: str, response_id: str) -> dict[str, str]:
+def _turn(turn_id: str, response_id: str) -> dict[Any, Any]:
     return {"kind": "turn.v1", "data": json.dumps({"id": turn_id, "response_id": response_id})}
 
 
-def _scored(turn_id: str) -> dict[str, str]:
+def _scored(turn_id: str) -> dict[Any, Any]:
     return {"kind": "scored.v1", "data": json.dumps({"id": turn_id, "turn": {"id": turn_id}})}
 
 
@@ -31,16 +32,16 @@ def test_accounting_finds_lost_duplicated_and_dead_lettered_turns(
     client, keys = redis_server.client(), Keys(namespace)
     turns, scored = keys.stream(TURNS), keys.stream(SCORED)
     for i in range(1, 7):
-        client.xadd(turns, _turn(f"t{i}", f"r{i}"))  # type: ignore[arg-type]
-    client.xadd(turns, _turn("t6b", "r6"))  # type: ignore[arg-type]  # r6 recorded twice
+        client.xadd(turns, _turn(f"t{i}", f"r{i}"))
+    client.xadd(turns, _turn("t6b", "r6"))  # r6 recorded twice
     for turn_id in ("t1", "t2", "t2", "t4", "t5", "t6"):  # t2 scored twice, t3 never
-        client.xadd(scored, _scored(turn_id))  # type: ignore[arg-type]
+        client.xadd(scored, _scored(turn_id))
     for turn_id in ("t1", "t2", "t4", "t6"):
         client.sadd(keys.handled(GROUP_SKILL_MINER, turn_id), "c1:1-0:1")
         client.sadd(keys.handled(GROUP_TRAINER, turn_id), "c1:1-0:1")
     client.sadd(keys.handled(GROUP_TRAINER, "t4"), "c2:1-0:2")  # t4 handled twice
     client.sadd(keys.handled(GROUP_SKILL_MINER, "t5"), "c1:5-0:1")  # trainer dead-lettered t5
-    client.xadd(keys.dead(SCORED), {**_scored("t5"), "dead_group": GROUP_TRAINER,  # type: ignore[arg-type]
+    client.xadd(keys.dead(SCORED), {**_scored("t5"), "dead_group": GROUP_TRAINER,
                                     "dead_reason": "invalid: test"})
     client.set(keys.trained("a", "t1"), 2)  # t1 trained twice
 
