@@ -23,7 +23,8 @@ def main() -> int:
     """Start the server; returns the exit status."""
     try:
         settings = Settings()
-        model.resolve(settings.model_name)  # a wrong name fails now, not after startup
+        if settings.policy_backend == "local":
+            model.resolve(settings.model_name)  # a wrong name fails now, not after startup
     except (ConfigError, ValidationError, model.ModelNotFoundError) as exc:
         print(f"reef policy: {exc}", file=sys.stderr)
         return 2

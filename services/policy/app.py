@@ -6,6 +6,9 @@ once, ``/readyz`` and the chat route answer 503 until the weights are in memory.
 With ``upstream_api_key`` set (the key the gateway sends its upstream), every route but
 the health checks needs it as a bearer token.
 
+With ``policy_backend = "tinker"`` the same routes sample from Tinker sampling clients
+(``services/policy/tinker_engine.py``).
+
 LoRA adapters are loaded and unloaded at run time through vLLM's dynamic LoRA routes
 (``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``), so the gateway drives
 this server and a real vLLM the same way. A chat request whose ``model`` is exactly a
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,9 +33,9 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.policy import BASE_VERSION, POLICY_VERSION_HEADER, chat, model
-from services.policy.engine import Engine
-from services.policy.lora import AdapterError, AdapterNotFoundError, AdapterRegistry
+from services.policy import BASE_VERSION, POLICY_VERSION_HEADER, chat, model, tinker_engine
+from services.policy.engine import Engine, PolicyEngine
+from services.policy.lora import AdapterError, AdapterNotFoundError, AdapterRegistry, Adapters
 from services.policy.schemas import (
     ChatCompletionRequest,
     LoadLoraAdapterRequest,
@@ -48,20 +51,30 @@ log = logging.getLogger(__name__)
 _VERSION_HEADER = POLICY_VERSION_HEADER.encode()
 
 
+TinkerLoader = Callable[[Settings, str], tinker_engine.TinkerServing]
+"""Connects to Tinker for ``policy_backend = "tinker"`` (tests pass one built on fakes)."""
+
+
 class PolicyState:
     """What the routes share: settings, the loaded model, engine and adapters."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tinker_load: TinkerLoader | None = None) -> None:
         self.settings = settings
-        self.model_name = model.served_name(settings.model_name)
-        self.engine: Engine | None = None
+        self.model_name = (settings.model_name if settings.policy_backend == "tinker"
+                           else model.served_name(settings.model_name))
+        self.engine: PolicyEngine | None = None
         self.texts: TokenTexts | None = None
-        self.adapters: AdapterRegistry | None = None
+        self.adapters: Adapters | None = None
         self.load_error: str | None = None
+        self._tinker_load = tinker_load or tinker_engine.load
 
     async def load(self) -> None:
-        """Load the model on a worker thread; failures are kept for ``/readyz``."""
+        """Load the model (or connect to Tinker) on a worker thread; failures are kept
+        for ``/readyz``."""
         s = self.settings
+        if s.policy_backend == "tinker":
+            await self._load_tinker()
+            return
         try:
             loaded = await asyncio.to_thread(model.load, s.model_name, s.data_dir,
                                              s.policy_device)
@@ -73,6 +86,18 @@ class PolicyState:
         engine = Engine(loaded.model, loaded.tokenizer, threads=s.policy_threads)
         self.adapters = AdapterRegistry(loaded.model, engine.active, self.model_name)
         self.engine = engine
+
+    async def _load_tinker(self) -> None:
+        try:
+            serving = await asyncio.to_thread(self._tinker_load, self.settings,
+                                              self.model_name)
+        except Exception as exc:  # any SDK failure: kept for /readyz
+            self.load_error = f"tinker: {type(exc).__name__}: {exc}"
+            log.exception("policy.tinker_load_failed")
+            return
+        self.texts = TokenTexts(serving.engine.tokenizer)
+        self.adapters = serving.adapters
+        self.engine = serving.engine
 
 
 class VersionHeader:
@@ -157,9 +182,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(exc.status_code, str(exc.detail), type_)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, tinker_load: TinkerLoader | None = None) -> FastAPI:
     """The policy server's ASGI app; the model starts loading when the app starts."""
-    state = PolicyState(settings)
+    state = PolicyState(settings, tinker_load)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -13,7 +13,7 @@ import orjson
 from jinja2 import TemplateError
 from starlette.requests import Request
 
-from services.policy.engine import Delta, Engine, SamplingParams
+from services.policy.engine import Delta, PolicyEngine, SamplingParams
 from services.policy.lora import Adapter, holding
 from services.policy.schemas import (
     ChatCompletionRequest,
@@ -55,7 +55,7 @@ class Job:
     """The LoRA adapter chosen when the request arrived (None: the base model)."""
 
 
-def prepare(req: ChatCompletionRequest, engine: Engine, model_name: str,
+def prepare(req: ChatCompletionRequest, engine: PolicyEngine, model_name: str,
             max_new_tokens_cap: int, adapter: Adapter | None = None) -> Job:
     """Validate ``req`` and turn it into a job; raises ``BadRequestError``."""
     n = req.n or 1
@@ -101,7 +101,7 @@ async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> No
             cancel.set()
 
 
-async def complete(job: Job, engine: Engine, texts: TokenTexts,
+async def complete(job: Job, engine: PolicyEngine, texts: TokenTexts,
                    request: Request) -> dict[str, Any]:
     """The body of a non-streamed answer."""
     cancel = threading.Event()
@@ -171,7 +171,7 @@ class ChunkWriter:
         return self.chunk([choice], **extra)
 
 
-async def stream(job: Job, engine: Engine, texts: TokenTexts) -> AsyncIterator[bytes]:
+async def stream(job: Job, engine: PolicyEngine, texts: TokenTexts) -> AsyncIterator[bytes]:
     """The SSE body of a streamed answer; closing it stops the generation."""
     writer = ChunkWriter(job, texts)
     cancel = threading.Event()

@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
@@ -76,6 +76,26 @@ class Delta:
     """``stop`` or ``length`` on the last delta of a choice, else None."""
 
 
+class PolicyEngine(Protocol):
+    """What the routes need from a sampler: this module's :class:`Engine` (the local
+    model) or ``services.policy.tinker_engine.TinkerEngine`` (a Tinker sampling client)."""
+
+    tokenizer: Any
+    context_length: int
+    """Most tokens of prompt plus answer (0: unknown)."""
+    vocab_size: int
+
+    def max_new_tokens_for(self, prompt_length: int, requested: int) -> int: ...
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams, n: int,
+               cancel: threading.Event, adapter: Adapter | None = None
+               ) -> AsyncIterator[Delta]: ...
+
+    async def score(self, ids: list[int], adapter: Adapter | None = None) -> list[float]: ...
+
+    def close(self) -> None: ...
+
+
 class Engine:
     """Samples answers from a loaded causal LM, one request at a time."""
 
@@ -85,6 +105,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.eos_ids = _eos_ids(model, tokenizer)
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self.vocab_size = int(model.config.vocab_size)
         self._threads = threads
         self.active = ActiveAdapter()
         """The adapter of the running generation; ``LoraLinear`` layers read it."""

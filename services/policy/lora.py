@@ -220,22 +220,22 @@ def holding(adapter: Adapter | None) -> Iterator[None]:
         adapter.in_use -= 1
 
 
-class AdapterRegistry:
-    """The loaded adapters by name, in least-recently-used order.
+class Adapters:
+    """The loaded adapters by name, in least-recently-used order; how an adapter is read
+    is the subclass's (``_read_and_install``, called on a worker thread).
 
     ``load``, ``unload`` and ``select`` run on the event loop, so the registry needs no
-    lock; only wrapping the model's layers (on loader threads) takes one.
+    lock of its own.
     """
 
-    def __init__(self, model: nn.Module, active: ActiveAdapter, base_name: str,
-                 max_loaded: int = MAX_LOADED_ADAPTERS) -> None:
-        self.model = model
-        self.active = active
+    def __init__(self, base_name: str, max_loaded: int = MAX_LOADED_ADAPTERS) -> None:
         self.base_name = base_name
         self.max_loaded = max_loaded
         self._adapters: OrderedDict[str, Adapter] = OrderedDict()
         self._loading: set[str] = set()
-        self._wrap_lock = threading.Lock()
+
+    def _read_and_install(self, name: str, path: str) -> Adapter:
+        raise NotImplementedError
 
     def __iter__(self) -> Iterator[Adapter]:
         return iter(list(self._adapters.values()))
@@ -280,21 +280,6 @@ class AdapterRegistry:
             raise AdapterError(f"The lora adapter '{name}' has already been loaded.",
                                "lora_already_loaded", "lora_name")
 
-    def _read_and_install(self, name: str, path: str) -> Adapter:
-        adapter = read_adapter(name, path, self.model)
-        with self._wrap_lock:
-            for module_name in adapter.deltas:
-                self._wrap(module_name)
-        return adapter
-
-    def _wrap(self, module_name: str) -> None:
-        """Put a ``LoraLinear`` around one base layer (once): a single attribute store."""
-        parent_name, _, child = module_name.rpartition(".")
-        parent = self.model.get_submodule(parent_name)
-        module = getattr(parent, child)
-        if not isinstance(module, LoraLinear):
-            setattr(parent, child, LoraLinear(module, module_name, self.active))
-
     def unload(self, name: str) -> Adapter:
         """Forget ``name``; requests already holding it finish on it, then it is freed."""
         adapter = self._adapters.pop(name, None)
@@ -311,3 +296,30 @@ class AdapterRegistry:
             victim = idle[0] if idle else next(iter(self._adapters.values()))
             del self._adapters[victim.name]
             log.info("policy.lora_evicted name=%s in_use=%d", victim.name, victim.in_use)
+
+
+class AdapterRegistry(Adapters):
+    """PEFT adapters on the local model: reading one wraps the layers it changes (once)
+    in ``LoraLinear``; only that wrapping (on loader threads) takes a lock."""
+
+    def __init__(self, model: nn.Module, active: ActiveAdapter, base_name: str,
+                 max_loaded: int = MAX_LOADED_ADAPTERS) -> None:
+        super().__init__(base_name, max_loaded)
+        self.model = model
+        self.active = active
+        self._wrap_lock = threading.Lock()
+
+    def _read_and_install(self, name: str, path: str) -> Adapter:
+        adapter = read_adapter(name, path, self.model)
+        with self._wrap_lock:
+            for module_name in adapter.deltas:
+                self._wrap(module_name)
+        return adapter
+
+    def _wrap(self, module_name: str) -> None:
+        """Put a ``LoraLinear`` around one base layer (once): a single attribute store."""
+        parent_name, _, child = module_name.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        module = getattr(parent, child)
+        if not isinstance(module, LoraLinear):
+            setattr(parent, child, LoraLinear(module, module_name, self.active))

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.policy.chat import BadRequestError
-from services.policy.engine import Engine
+from services.policy.engine import PolicyEngine
 from services.policy.lora import Adapter, holding
 from services.policy.schemas import completion_id, now, usage
 
@@ -31,7 +31,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int | None = 16
 
 
-async def score(req: CompletionRequest, engine: Engine, model_name: str,
+async def score(req: CompletionRequest, engine: PolicyEngine, model_name: str,
                 adapter: Adapter | None) -> dict[str, Any]:
     """The scoring answer for ``req`` (see the module docstring)."""
     if req.max_tokens != 0 or not req.echo:
@@ -40,7 +40,7 @@ async def score(req: CompletionRequest, engine: Engine, model_name: str,
                               param="max_tokens")
     ids = (req.prompt if isinstance(req.prompt, list)
            else engine.tokenizer(req.prompt, add_special_tokens=False)["input_ids"])
-    vocab = engine.model.config.vocab_size
+    vocab = engine.vocab_size
     if any(i < 0 or i >= vocab for i in ids):
         raise BadRequestError(f"token ids must be in [0, {vocab})", param="prompt")
     if engine.context_length and len(ids) > engine.context_length:
