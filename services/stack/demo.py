@@ -155,7 +155,8 @@ class Demo:
                skills: Sequence[Skill], swaps: float) -> None:
         plot_path = self.out_dir / "demo.png"
         plot(self.rows, before, after, plot_path,
-             f"Reef demo: SmolLM2-135M learns 'at most {MAX_WORDS} words, on topic'")
+             f"Reef demo: SmolLM2-135M learns 'at most {MAX_WORDS} words, on topic'",
+             by_round=True)
         print("\n=== report ===")
         print(f"held-out before: {before.summary()}")
         print(f"held-out after : {after.summary()}")

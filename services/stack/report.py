@@ -51,25 +51,27 @@ def format_row(row: RoundRow) -> str:
 
 
 def plot(rows: list[RoundRow], before: Evaluation, after: Evaluation, path: Path,
-         title: str) -> None:
-    """Mean reward per round against trainer steps, held-out before/after, mean words; the
-    first round with skills injected is marked when there is one."""
+         title: str, by_round: bool = False) -> None:
+    """Mean reward per round against trainer steps (or, ``by_round``, against rounds),
+    held-out before/after, mean words; the first round with skills injected is marked
+    when there is one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, reward_axis = plt.subplots(figsize=(8, 4.5))
-    steps = [r.steps for r in rows]
+    steps = [r.round if by_round else r.steps for r in rows]
     reward_axis.plot(steps, [r.mean_reward for r in rows], marker="o", label="training rounds")
     last = max(steps) if steps else 0
     reward_axis.scatter([0, last], [before.mean_reward, after.mean_reward], color="red",
                         zorder=3, label="held-out (before / after)")
     first_skilled = next((r for r in rows if r.with_skills >= 0.5), None)
     if first_skilled is not None:
-        reward_axis.axvline(first_skilled.steps, color="green", linestyle=":",
-                            label="mined skill injected")
-    reward_axis.set_xlabel("trainer steps committed")
+        reward_axis.axvline(first_skilled.round if by_round else first_skilled.steps,
+                            color="green", linestyle=":", label="mined skill injected")
+    reward_axis.set_xlabel("round (16 conversations)" if by_round
+                           else "trainer steps committed")
     reward_axis.set_ylabel("mean reward (scripted user)")
     reward_axis.set_ylim(-1.05, 1.05)
     words_axis = reward_axis.twinx()
