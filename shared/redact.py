@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -30,35 +31,70 @@ PHONE_MIN_DIGITS = 9
 CUSTOM = "custom"
 """The kind of a match of one of ``redact_patterns`` (the settings' extra patterns)."""
 
-PATTERNS: tuple[tuple[str, re.Pattern[str], str], ...] = (
-    ("private_key", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE "
-                               r"KEY-----", re.DOTALL), "[REDACTED_PRIVATE_KEY]"),
-    ("url_credentials", re.compile(r"\b([a-z][a-z0-9+.-]*://)[^\s/@:]*:[^\s/@]+@",
-                                   re.IGNORECASE), r"\1[REDACTED_CREDENTIALS]@"),
-    ("bearer", re.compile(r"\b(Bearer)\s+[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE),
-     r"\1 [REDACTED_TOKEN]"),
-    ("jwt", re.compile(r"\beyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]{5,}"), "[REDACTED_TOKEN]"),
-    ("api_key", re.compile(r"\b(?:sk|pk|rk)-(?:[A-Za-z0-9]+-)*[A-Za-z0-9_-]{16,}"),
-     "[REDACTED_API_KEY]"),
-    ("api_key", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
-                           r"|xox[abposr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{30,}"
-                           r"|hf_[A-Za-z0-9]{30,}|glpat-[A-Za-z0-9_-]{20,})"),
-     "[REDACTED_API_KEY]"),
-    ("aws_key", re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[0-9A-Z]{16}\b"), "[REDACTED_AWS_KEY]"),
-    ("secret_assignment", re.compile(
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One kind of secret: its pattern, its placeholder, and a cheap test that must pass
+    before the pattern runs. Scanning 5,000 characters costs each pattern ~0.15-0.6 ms
+    here; a substring test or one simple scan costs microseconds, and most texts hold no
+    secret at all."""
+
+    kind: str
+    pattern: re.Pattern[str]
+    replacement: str
+    needles: tuple[str, ...] = ()
+    """The pattern runs only if one of these occurs in the text (lower-cased when
+    ``lower``); empty: no substring test."""
+    lower: bool = False
+    prefilter: re.Pattern[str] | None = None
+    """The pattern runs only if this (simpler) one is found."""
+
+    def may_match(self, text: str, lowered: str) -> bool:
+        if self.needles and not any(n in (lowered if self.lower else text)
+                                    for n in self.needles):
+            return False
+        return self.prefilter is None or self.prefilter.search(text) is not None
+
+
+_DIGIT_RUN = re.compile(r"\d[\d\s().+-]{7,}\d")
+"""Nine characters or more from a digit to a digit: every card and phone number has one."""
+
+PATTERNS: tuple[Rule, ...] = (
+    Rule("private_key", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*"
+                                   r"PRIVATE KEY-----", re.DOTALL), "[REDACTED_PRIVATE_KEY]",
+         needles=("PRIVATE KEY",)),
+    Rule("url_credentials", re.compile(r"\b([a-z][a-z0-9+.-]*://)[^\s/@:]*:[^\s/@]+@",
+                                       re.IGNORECASE), r"\1[REDACTED_CREDENTIALS]@",
+         needles=("://",)),
+    Rule("bearer", re.compile(r"\b(Bearer)\s+[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE),
+         r"\1 [REDACTED_TOKEN]", needles=("bearer",), lower=True),
+    Rule("jwt", re.compile(r"\beyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]{5,}"), "[REDACTED_TOKEN]",
+         needles=("eyJ",)),
+    Rule("api_key", re.compile(r"\b(?:sk|pk|rk)-(?:[A-Za-z0-9]+-)*[A-Za-z0-9_-]{16,}"),
+         "[REDACTED_API_KEY]", needles=("sk-", "pk-", "rk-")),
+    Rule("api_key", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
+                               r"|xox[abposr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{30,}"
+                               r"|hf_[A-Za-z0-9]{30,}|glpat-[A-Za-z0-9_-]{20,})"),
+         "[REDACTED_API_KEY]", needles=("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_",
+                                        "xox", "AIza", "hf_", "glpat-")),
+    Rule("aws_key", re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[0-9A-Z]{16}\b"),
+         "[REDACTED_AWS_KEY]", needles=("AKIA", "ASIA", "AGPA", "AIDA", "AROA")),
+    Rule("secret_assignment", re.compile(
         r"(?i)\b((?:aws_)?(?:secret(?:_access)?_key|api[_-]?key|access[_-]?token|auth[_-]?token"
         r"|password|passwd|pwd|secret|token|client[_-]?secret)[\"']?\s*[:=]\s*[\"']?)"
-        r"(?!\[REDACTED)[^\s\"',;]{6,}"), r"\1[REDACTED_SECRET]"),
-    ("email", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"),
-     "[REDACTED_EMAIL]"),
-    ("ip", re.compile(r"(?<![\w.])(?!127\.0\.0\.1(?![\d.]))(?!0\.0\.0\.0(?![\d.]))"
-                      r"(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)"
-                      r"(?![\w.]*\d)"), "[REDACTED_IP]"),
-    ("card", re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])"), "[REDACTED_CARD]"),
-    ("phone", re.compile(r"(?<![\w.+-])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?"
-                         r"\d{2,4}(?:[\s.-]\d{2,4}){1,4}(?![\w.-]*\d)"), "[REDACTED_PHONE]"),
+        r"(?!\[REDACTED)[^\s\"',;]{6,}"), r"\1[REDACTED_SECRET]",
+         needles=("key", "token", "passw", "pwd", "secret"), lower=True),
+    Rule("email", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"),
+         "[REDACTED_EMAIL]", needles=("@",)),
+    Rule("ip", re.compile(r"(?<![\w.])(?!127\.0\.0\.1(?![\d.]))(?!0\.0\.0\.0(?![\d.]))"
+                          r"(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)"
+                          r"(?![\w.]*\d)"), "[REDACTED_IP]", prefilter=re.compile(r"\d\.\d")),
+    Rule("card", re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])"), "[REDACTED_CARD]",
+         prefilter=_DIGIT_RUN),
+    Rule("phone", re.compile(r"(?<![\w.+-])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?"
+                             r"\d{2,4}(?:[\s.-]\d{2,4}){1,4}(?![\w.-]*\d)"), "[REDACTED_PHONE]",
+         prefilter=_DIGIT_RUN),
 )
-"""(kind, pattern, replacement), applied in order (keys before the generic patterns)."""
+"""Applied in order (keys before the generic patterns)."""
 
 
 def _luhn(candidate: str) -> bool:
@@ -88,12 +124,16 @@ class Redactor:
 
     def __init__(self, extra: Sequence[str] = ()) -> None:
         self.patterns = PATTERNS + tuple(
-            (CUSTOM, re.compile(p), f"[REDACTED_{CUSTOM.upper()}]") for p in extra)
+            Rule(CUSTOM, re.compile(p), f"[REDACTED_{CUSTOM.upper()}]") for p in extra)
 
     def redact(self, text: str) -> tuple[str, Counter[str]]:
         """``text`` with every match replaced by its placeholder, and the count per kind."""
         found: Counter[str] = Counter()
-        for kind, pattern, replacement in self.patterns:
+        lowered = text.lower()
+        for rule in self.patterns:
+            if not rule.may_match(text, lowered):
+                continue
+            kind, pattern, replacement = rule.kind, rule.pattern, rule.replacement
             check_match = _CHECKS.get(kind)
 
             def substitute(match: re.Match[str], kind: str = kind,
