@@ -106,7 +106,6 @@ class Proc(ServiceProcess):
                            f"{self.log_path.read_text()[-3000:]}")
 
 
-
 def value(proc: ServiceProcess, name: str, **labels: str) -> float:
     """Sum of a metric's samples on ``proc``'s /metrics whose labels include ``labels``."""
     text = httpx.get(proc.url + "/metrics", headers=metrics_headers(), timeout=5).text
@@ -157,6 +156,28 @@ def test_promtool_checks_config_and_rules(tmp_path: Path) -> None:
     names = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
     assert {"ReefStreamLagGrowing", "ReefDeadLetters", "ReefJudgeErrorRate",
             "ReefTrainerStalled", "ReefRewardDropping"} <= names
+
+
+def test_scorer_exports_what_the_mean_reward_needs() -> None:
+    """``reef_scorer_reward`` has negative buckets, so prometheus-client exports no
+    ``_sum`` for it; the dashboards and alerts take the mean from the signed magnitudes."""
+    from prometheus_client import generate_latest
+
+    from services.scorer.metrics import ScorerMetrics
+
+    metrics = ScorerMetrics.create()
+    text = generate_latest(metrics.registry).decode()
+    assert 'reef_scorer_reward_magnitude_total{sign="negative"} 0.0' in text
+    for reward in (0.5, -1.0, 0.25, 0.0):
+        metrics.observe_reward(reward)
+    text = generate_latest(metrics.registry).decode()
+    assert "reef_scorer_reward_sum" not in text
+    sample = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+              for line in text.splitlines() if line.startswith("reef_scorer_reward")}
+    mean = (sample['reef_scorer_reward_magnitude_total{sign="positive"}']
+            - sample['reef_scorer_reward_magnitude_total{sign="negative"}']) / sample[
+        "reef_scorer_reward_count"]
+    assert mean == pytest.approx((0.5 - 1.0 + 0.25 + 0.0) / 4)
 
 
 def test_dashboards_are_grafana_json_on_the_provisioned_datasource() -> None:
