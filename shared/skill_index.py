@@ -25,16 +25,20 @@ from __future__ import annotations
 import hashlib
 import heapq
 import importlib.util
+import logging
 import math
 import os
 import re
 import threading
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal
 
 from shared.skills import Skill
+
+log = logging.getLogger("reef.skills")
 
 if TYPE_CHECKING:  # numpy comes with the skills extra; BM25 runs without it
     import numpy as np
@@ -109,7 +113,8 @@ class Embedder:
     model in bf16, pooling in fp32: measured here 1.6x faster per query (9.8 vs 15.5 ms
     p50), with the same top-1 skill for 200 of 200 queries and scores within 0.004."""
 
-    def __init__(self, threads: int = 1, bfloat16: bool | None = None) -> None:
+    def __init__(self, threads: int = 1, bfloat16: bool | None = None,
+                 trace: bool = True) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads))
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep
@@ -128,6 +133,50 @@ class Embedder:
         self.dtype = "bfloat16" if bfloat16 else "float32"
         self.dim = int(self._model.config.hidden_size)
         self._lock = threading.Lock()
+        self._traced = self._trace() if trace else None
+
+    def _trace(self) -> Any:
+        """The model traced and frozen with TorchScript for one unpadded text, or None
+        when tracing fails (the eager model is used then). A query is one text, so its
+        attention mask is all ones: the case traced. Measured here: ~20% less time per
+        query than eager (most of a 6-layer forward on ~30 tokens is per-op overhead)."""
+        torch = self._torch
+
+        class Hidden(torch.nn.Module):  # type: ignore[misc,name-defined]
+            def __init__(self, model: Any) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, ids: Any, mask: Any) -> Any:
+                return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+        example = self._tokenizer(["a short example query"], return_tensors="pt")
+        try:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(Hidden(self._model).eval(),
+                                         (example["input_ids"], example["attention_mask"]),
+                                         strict=False)
+                return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+        except (RuntimeError, ValueError, TypeError) as exc:
+            log.warning("skill_index.trace_failed", extra={"error": type(exc).__name__})
+            return None
+
+    def encode_query(self, text: str) -> Vector:
+        """One text's normalised vector, through the traced model when there is one."""
+        import numpy as np
+
+        if self._traced is None:
+            eager: Vector = self.encode([text])[0]
+            return eager
+        torch = self._torch
+        with self._lock:
+            batch = self._tokenizer([text], truncation=True, max_length=MAX_TOKENS,
+                                    return_tensors="pt")
+        with torch.inference_mode():
+            pooled = self._traced(batch["input_ids"], batch["attention_mask"]).float().mean(1)
+            vector = torch.nn.functional.normalize(pooled, dim=-1)[0]
+        return np.asarray(vector.numpy(), dtype=np.float32)
 
     def encode(self, texts: Sequence[str]) -> Vector:
         """One normalised row per text (batched by length, so padding stays small)."""
@@ -323,8 +372,7 @@ class SkillIndex:
 
     def _embed_query(self, query: str) -> Vector:
         assert self._embedder is not None
-        vector: Vector = self._embedder.encode([query])[0]
-        return vector
+        return self._embedder.encode_query(query)
 
     def _matrix(self, texts: list[str]) -> Vector:
         import numpy as np

@@ -111,6 +111,17 @@ def test_vectors_are_normalised_mean_pooled_and_bf16_agrees_with_fp32(
     assert all(float(c) > 0.995 for c in (exact * vectors).sum(axis=1))
 
 
+def test_the_traced_query_path_agrees_with_the_eager_model(embedder: Embedder) -> None:
+    assert embedder._traced is not None  # tracing worked on this torch
+    texts = ["short", "How do I resolve a merge conflict after git pull?",
+             "a much longer text about merge conflicts " * 40]  # over MAX_TOKENS: cut
+    eager = embedder.encode(texts)
+    for text, expected in zip(texts, eager, strict=True):
+        vector = embedder.encode_query(text)
+        assert vector.shape == (384,) and abs(float(vector @ vector) - 1.0) < 1e-5
+        assert float(vector @ expected) > 0.999
+
+
 # --- BM25 fallback ------------------------------------------------------------------------
 
 def test_bm25_finds_lexical_matches_and_cuts_the_rest() -> None:
