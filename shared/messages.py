@@ -168,6 +168,9 @@ class WeightsEventV1(Message):
     """Where the policy server loads it from (a directory or a Tinker URI)."""
     step: int = 0
     metrics: dict[str, float] = Field(default_factory=dict)
+    batch_at: float = 0.0
+    """Unix time the trainer took the batch this adapter learned from (0: unknown, e.g. a
+    rollback): gateways measure from it how long new weights take to go live."""
 
 
 MESSAGE_KINDS: dict[str, type[Message]] = {

@@ -18,9 +18,10 @@ from tests.gateway_proc import API_KEY, GatewayProcess
 from tests.test_gateway import wait_turn
 
 
-def publish(client: redis.Redis, namespace: str, version: int, path: str = "/ckpt") -> None:
+def publish(client: redis.Redis, namespace: str, version: int, path: str = "/ckpt",
+            batch_at: float = 0.0) -> None:
     event = WeightsEventV1(tenant="*", adapter=f"reef-v{version}", version=version,
-                           path=f"{path}/v{version}", step=version)
+                           path=f"{path}/v{version}", step=version, batch_at=batch_at)
     client.xadd(Keys(namespace).stream(WEIGHTS), event.to_fields())  # type: ignore[arg-type]
 
 
@@ -34,7 +35,7 @@ def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyp
 def test_new_weights_are_loaded_then_routed_and_the_old_ones_unloaded(
         redis_server: RedisServer, upstream: FakeUpstream, tmp_path) -> None:  # type: ignore[no-untyped-def]
     client = redis_server.client()
-    publish(client, "swap", 1)  # live before the gateway starts: loaded at start-up
+    publish(client, "swap", 1, batch_at=time.time() - 3600)  # live before the start
     gw = GatewayProcess(redis_server.url, upstream.base_url, "swap", tmp_path,
                         env={"REEF_ADAPTER_UNLOAD_GRACE_SECONDS": "0.3",
                              "REEF_ADAPTER_NAME": "reef"})
@@ -54,8 +55,11 @@ def test_new_weights_are_loaded_then_routed_and_the_old_ones_unloaded(
         assert turn.policy_version == "reef-v1" and turn.request_model == "reef"
 
         publish(client, "swap", 2, path="/missing")  # the upstream refuses it: v1 stays
-        publish(client, "swap", 3)
+        publish(client, "swap", 3, batch_at=time.time() - 2)
         wait_for(lambda: ask("reef", "after") == "reef-v3")
+        # From the batch to live, measured for v3 only (v1 was a start-up catch-up).
+        assert gw.metric("reef_gateway_weights_live_seconds_count") == 1
+        assert 2 <= gw.metric("reef_gateway_weights_live_seconds_sum") < 60
         assert ("load", "reef-v2") in upstream.adapter_calls
         wait_for(lambda: ("unload", "reef-v1") in upstream.adapter_calls)
         assert gw.metric("reef_gateway_live_adapter_version") == 3

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, cast
 
 import aiohttp
@@ -126,10 +127,10 @@ class AdapterRouter:
                 self._owners.setdefault(event.adapter, event.tenant)
                 newest.setdefault(event.tenant, fields)
         for fields in newest.values():
-            await self._apply(fields)
+            await self._apply(fields, following=False)
         return entries[0][0] if entries else "0-0"
 
-    async def _apply(self, fields: dict[bytes, bytes]) -> None:
+    async def _apply(self, fields: dict[bytes, bytes], following: bool = True) -> None:
         try:
             event = decode(fields)
         except BadMessage as exc:  # skipped: a follower has no group to dead-letter in
@@ -151,6 +152,8 @@ class AdapterRouter:
         self.live[event.tenant] = event
         self._metrics.adapter_swaps.labels("ok").inc()
         self._metrics.live_version.set(event.version)
+        if following and event.batch_at > 0:  # not a start-up catch-up of an old event
+            self._metrics.weights_live_seconds.observe(max(0.0, time.time() - event.batch_at))
         log.info("gateway.adapter_live", extra={"adapter": event.adapter,
                                                 "tenant": event.tenant})
         if current is not None and current.adapter != event.adapter:

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+_SWAP_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+"""Seconds from a full batch to its adapter live: a local CPU step takes seconds to a
+minute, a Tinker step longer."""
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0, 30.0, 60.0, 120.0)
 
@@ -29,6 +32,7 @@ class GatewayMetrics:
     spool_bytes: Gauge
     adapter_swaps: Counter
     live_version: Gauge
+    weights_live_seconds: Histogram
     skills_injected: Histogram
     skill_retrieval_seconds: Histogram
     skill_retrieval_mode: Gauge
@@ -68,6 +72,11 @@ class GatewayMetrics:
             live_version=Gauge("reef_gateway_live_adapter_version",
                                "Version of the adapter new requests are routed to.",
                                registry=reg),
+            weights_live_seconds=Histogram(
+                "reef_gateway_weights_live_seconds",
+                "From the trainer taking a full batch to the adapter it trained serving new "
+                "requests here (training, saving, the gate, publishing, loading).",
+                buckets=_SWAP_BUCKETS, registry=reg),
             skills_injected=Histogram("reef_gateway_skills_injected",
                                       "Skills injected per main turn (use_skills on).",
                                       buckets=_SKILL_COUNT_BUCKETS, registry=reg),

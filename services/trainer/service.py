@@ -162,7 +162,7 @@ class Trainer:
 
     async def step(self, batch: list[Sample]) -> None:
         """One optimisation step on ``batch``, committed with its weights event."""
-        started = time.monotonic()
+        started, batch_at = time.monotonic(), time.time()
         ids = [s.turn_id for s in batch]
         if self.teacher is not None:
             datums, advs, kl = await self._distillation_datums(batch)
@@ -197,7 +197,7 @@ class Trainer:
                            gate_candidate_score=decision.candidate_score,
                            gate_shift=decision.shift)
             self.metrics.gate.labels("passed" if decision.passed else "refused").inc()
-        await self._commit(ids, checkpoint, summary, started,
+        await self._commit(ids, checkpoint, summary, started, batch_at=batch_at,
                            publish=decision is None or decision.passed,
                            refusal=None if decision is None or decision.passed
                            else decision.reason)
@@ -288,7 +288,8 @@ class Trainer:
             self.snapshot = None
 
     async def _commit(self, ids: list[str], checkpoint: Checkpoint,
-                      summary: dict[str, float], started: float, publish: bool = True,
+                      summary: dict[str, float], started: float, *, batch_at: float = 0.0,
+                      publish: bool = True,
                       refusal: str | None = None) -> None:
         """Consume the batch and record the step; publish its weights unless the gate
         refused them (then the live adapter stays, and the refusal is recorded)."""
@@ -296,7 +297,8 @@ class Trainer:
         event = WeightsEventV1(
             id=f"{self.adapter}-v{version}", tenant=self.settings.train_tenant or "*",
             adapter=adapter_label(self.adapter, version), version=version,
-            path=checkpoint.adapter_path, step=checkpoint.step, metrics=summary)
+            path=checkpoint.adapter_path, step=checkpoint.step, metrics=summary,
+            batch_at=batch_at)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(self.buffer_key, *ids)
             for turn_id in ids:  # a count, not a flag: a turn trained twice would show
