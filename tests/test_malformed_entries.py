@@ -109,7 +109,7 @@ def dead_letters(client: redis.Redis, dead_key: str, group: str) -> dict[str, st
 def assert_dead_lettered(client: redis.Redis, dead_key: str, group: str,
                          expected: dict[str, str], timeout: float = 20) -> None:
     """Every injected entry, and nothing else, is in the dead-letter stream with its
-    reason; none is left pending."""
+    reason; nothing is left pending (once the valid entry's handler finishes)."""
     wait_for(lambda: len(dead_letters(client, dead_key, group)) >= len(expected), timeout,
              f"{len(expected)} dead letters in {dead_key}")
     found = dead_letters(client, dead_key, group)
@@ -117,7 +117,8 @@ def assert_dead_lettered(client: redis.Redis, dead_key: str, group: str,
     for entry_id, phrase in expected.items():
         assert phrase in found[entry_id], (phrase, found[entry_id])
     stream_key = dead_key.removesuffix(":dead")
-    assert client.xpending(stream_key, group)["pending"] == 0  # type: ignore[index]
+    wait_for(lambda: client.xpending(stream_key, group)["pending"] == 0,  # type: ignore[index]
+             timeout, "no pending entries")
 
 
 def alive(proc: ServiceProcess) -> bool:
