@@ -180,6 +180,9 @@ def test_bad_arguments_and_a_read_only_config_are_refused(
         tmp_path: Path) -> None:
     assert run(config, "--api-key-env", "lower_case") == 1
     assert "upper-case" in capsys.readouterr().err
+    assert openclaw.main(["--config", str(config), "--api-key", KEY, "--base-url",
+                          "127.0.0.1:8000/v1"], Settings(profile="dev")) == 1
+    assert "http://" in capsys.readouterr().err
     no_key = openclaw.main(["--config", str(config)], Settings(profile="dev", data_dir=tmp_path))
     assert no_key == 1 and "--api-key" in capsys.readouterr().err
     monkeypatch.setenv("OPENCLAW_CONFIG_READONLY", "1")

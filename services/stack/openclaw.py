@@ -341,8 +341,11 @@ def _target(args: argparse.Namespace, settings: Settings) -> ReefTarget:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.provider):
         raise OpenClawConfigError(f"--provider {args.provider!r}: letters, digits, '-', "
                                   "'_' and '.'")
-    return ReefTarget(base_url=(args.base_url or found["base_url"]).rstrip("/"),
-                      api_key=api_key, model=args.model or found["model"],
+    base_url = (args.base_url or found["base_url"]).rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", base_url):
+        raise OpenClawConfigError(f"--base-url {base_url!r}: an http:// or https:// URL of "
+                                  "Reef's gateway, e.g. http://127.0.0.1:8000/v1")
+    return ReefTarget(base_url=base_url, api_key=api_key, model=args.model or found["model"],
                       provider=args.provider)
 
 
