@@ -134,6 +134,24 @@ def test_the_data_route_needs_the_admin_key(gateway: GatewayProcess) -> None:
     assert_openai_error(bad_tenant, 400)
 
 
+def test_redis_away_is_a_503_in_openai_shape(upstream: FakeUpstream, tmp_path: Path) -> None:
+    own_redis = RedisServer(tmp_path)
+    own_redis.start()
+    gw = GatewayProcess(own_redis.url, upstream.base_url, NAMESPACE, tmp_path / "gw",
+                        env={"REEF_ADMIN_KEY": ADMIN_KEY})
+    gw.start()
+    try:
+        assert data(gw)["queues"][0]["length"] == 0
+        own_redis.kill()
+        resp = httpx.get(gw.url + "/admin/dashboard/data", timeout=15,
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        assert "unreachable" in assert_openai_error(resp, 503)
+        assert resp.headers["retry-after"] == "1"
+    finally:
+        gw.stop()
+        own_redis.kill()
+
+
 def test_the_page_holds_no_data_and_runs_only_its_own_script(gateway: GatewayProcess) -> None:
     page = httpx.get(gateway.url + "/admin/dashboard")
     assert page.status_code == 200
