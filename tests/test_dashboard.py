@@ -253,6 +253,7 @@ def test_the_page_renders_real_data_in_chromium(populated: GatewayProcess,
                                                 tmp_path: Path) -> None:
     driver = _browser()
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
     from selenium.webdriver.support.ui import WebDriverWait
 
     try:
@@ -290,6 +291,14 @@ def test_the_page_renders_real_data_in_chromium(populated: GatewayProcess,
         assert text("#swaps tbody tr:first-child .badge") == "live"
         assert text("#live-headline") == "v3 (reef-v3)"
         assert "+0.300" in text("#swaps tbody tr:first-child")
+
+        # One tenant's view: beta has no scored turns; back to all tenants.
+        tenant = Select(driver.find_element(By.ID, "tenant"))
+        tenant.select_by_value("beta")
+        wait.until(lambda _: text("#reward-count") == "0")
+        assert text("#turns tbody") == "no scored turns yet"
+        tenant.select_by_value("")
+        wait.until(lambda _: text("#reward-count") == "3")
 
         # It refreshes by itself: a new version and a new scored turn show up.
         publish_weights(redis_server.client(), 4)

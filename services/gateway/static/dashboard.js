@@ -11,6 +11,7 @@ const MEAN_WINDOW = 20;
 const SVG_NS = "http://www.w3.org/2000/svg";
 
 let timer = null;
+let latest = 0;  // only the newest request's answer is drawn
 
 const $ = (id) => document.getElementById(id);
 
@@ -172,8 +173,9 @@ function renderQueues(queues) {
   }, "");
 }
 
-function renderTenants(tenants, chosen) {
+function renderTenants(tenants) {
   const select = $("tenant");
+  const chosen = select.value;  // the reader's choice, even if this answer was for another
   const known = Array.from(select.options).map((o) => o.value);
   const wanted = [""].concat(tenants);
   if (known.join("\n") !== wanted.join("\n")) {
@@ -185,12 +187,12 @@ function renderTenants(tenants, chosen) {
       select.append(option);
     }
   }
-  select.value = chosen || "";
+  select.value = chosen;
   $("tenant-label").hidden = false;
 }
 
 function render(data) {
-  renderTenants(data.tenants, data.tenant);
+  renderTenants(data.tenants);
   renderReward(data);
   renderPolicy(data.weights);
   renderTurns(data.turns);
@@ -215,9 +217,11 @@ async function refresh() {
   if (!key) return showLogin("");
   const tenant = $("tenant").value;
   const url = DATA_URL + (tenant ? "?tenant=" + encodeURIComponent(tenant) : "");
+  const request = ++latest;
   try {
     const resp = await fetch(url, {headers: {Authorization: "Bearer " + key}, cache: "no-store"});
     const body = await resp.json().catch(() => ({}));
+    if (request !== latest) return;  // a newer refresh (another tenant) is under way
     if (resp.status === 401 || resp.status === 403) {
       return showLogin((body.error && body.error.message) || "The key was refused.");
     }
@@ -227,6 +231,7 @@ async function refresh() {
     $("logout").hidden = false;
     render(body);
   } catch (err) {
+    if (request !== latest) return;
     $("status").textContent = "refresh failed: " + err.message + " (retrying)";
     $("status").className = "error";
   }
