@@ -96,7 +96,7 @@ def check_content_type(headers: Mapping[str, str]) -> None:
 
 def parse_json(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
     """The body as a JSON object no deeper than ``max_depth``, or a 400."""
-    if not raw.strip():
+    if not raw or raw.isspace():
         raise APIError(400, "The request body is empty: send a JSON object.",
                        code="invalid_json")
     try:
@@ -137,8 +137,11 @@ def _field_error(param: str, message: str) -> APIError:
 
 
 def check_messages(messages: Any) -> None:
-    """Messages must be a non-empty list of objects with a known role, content of a
-    valid type, and well-formed tool calls (see ``_check_message``)."""
+    """Messages must be a non-empty list of objects with a known role; content, when
+    given, a string or an array of typed parts (a missing one is left to the upstream:
+    OpenAI requires it, some servers do not); a tool message names its ``tool_call_id``;
+    tool calls are well formed. Every message of every request passes here, so the
+    names of fields in errors are only built once there is an error."""
     if messages is None:
         raise _field_error("messages", "Missing required parameter: 'messages'.")
     if not isinstance(messages, list) or not messages:
@@ -151,61 +154,62 @@ def check_messages(messages: Any) -> None:
             raise _field_error(f"messages[{i}].role",
                                f"messages[{i}].role must be one of {sorted(ROLES)}, "
                                f"got {str(role)[:40]!r}.")
-        _check_message(f"messages[{i}]", role, message)
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            _check_content(i, content)
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise _field_error(f"messages[{i}].tool_call_id",
+                                   f"messages[{i}].tool_call_id is required on a 'tool' "
+                                   "message: the id of the tool call it answers.")
+        tool_calls = message.get("tool_calls")
+        if tool_calls is not None:
+            _check_tool_calls(i, tool_calls)
 
 
-def _check_message(where: str, role: str, message: dict[str, Any]) -> None:
-    """Content, when given, is a string or an array of typed parts (a missing one is left
-    to the upstream: OpenAI requires it, some servers do not); a tool message names its
-    ``tool_call_id``."""
-    content = message.get("content")
-    if isinstance(content, list):
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise _field_error(f"{where}.content[{j}]",
-                                   f"{where}.content[{j}] must be an object with a "
-                                   "string 'type' (e.g. {'type': 'text', 'text': ...}).")
-    elif content is not None and not isinstance(content, str):
-        raise _field_error(f"{where}.content",
-                           f"{where}.content must be a string or an array of content "
-                           f"parts, got {type(content).__name__}.")
-    if role == "tool":
-        call_id = message.get("tool_call_id")
-        if not isinstance(call_id, str) or not call_id:
-            raise _field_error(f"{where}.tool_call_id",
-                               f"{where}.tool_call_id is required on a 'tool' message: "
-                               "the id of the tool call it answers.")
-    tool_calls = message.get("tool_calls")
-    if tool_calls is not None:
-        _check_tool_calls(f"{where}.tool_calls", tool_calls)
+def _check_content(i: int, content: Any) -> None:
+    if not isinstance(content, list):
+        where = f"messages[{i}].content"
+        raise _field_error(where, f"{where} must be a string or an array of content "
+                                  f"parts, got {type(content).__name__}.")
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            where = f"messages[{i}].content[{j}]"
+            raise _field_error(where, f"{where} must be an object with a string 'type' "
+                                      "(e.g. {'type': 'text', 'text': ...}).")
 
 
-def _check_tool_calls(where: str, tool_calls: Any) -> None:
+def _check_tool_calls(i: int, tool_calls: Any) -> None:
     """An array of ``{"id", "type": "function", "function": {"name", "arguments"}}``
     with the arguments JSON-encoded in a string (as OpenAI's answers give them)."""
     if not isinstance(tool_calls, list):
+        where = f"messages[{i}].tool_calls"
         raise _field_error(where, f"{where} must be an array of tool calls.")
     for k, call in enumerate(tool_calls):
-        at = f"{where}[{k}]"
         if not isinstance(call, dict):
-            raise _field_error(at, f"{at} must be an object.")
+            raise _tool_call_error(i, k, "", "must be an object.")
         if "id" in call and not isinstance(call["id"], str):
-            raise _field_error(f"{at}.id", f"{at}.id must be a string.")
+            raise _tool_call_error(i, k, ".id", "must be a string.")
         if call.get("type", "function") != "function":
             continue  # another kind of tool call (custom tools): the upstream judges it
         function = call.get("function")
         if not isinstance(function, dict):
-            raise _field_error(f"{at}.function", f"{at}.function must be an object with "
-                                                 "'name' and 'arguments'.")
+            raise _tool_call_error(i, k, ".function",
+                                   "must be an object with 'name' and 'arguments'.")
         name = function.get("name")
         if not isinstance(name, str) or not name:
-            raise _field_error(f"{at}.function.name",
-                               f"{at}.function.name must be a non-empty string.")
-        if not isinstance(function.get("arguments"), str):
-            raise _field_error(f"{at}.function.arguments",
-                               f"{at}.function.arguments must be a string (the arguments "
-                               "as JSON text), got "
-                               f"{type(function.get('arguments')).__name__}.")
+            raise _tool_call_error(i, k, ".function.name", "must be a non-empty string.")
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str):
+            raise _tool_call_error(i, k, ".function.arguments",
+                                   "must be a string (the arguments as JSON text), got "
+                                   f"{type(arguments).__name__}.")
+
+
+def _tool_call_error(i: int, k: int, field: str, problem: str) -> APIError:
+    where = f"messages[{i}].tool_calls[{k}]{field}"
+    return _field_error(where, f"{where} {problem}")
 
 
 def _check_types(body: dict[str, Any], limits: RequestLimits) -> None:
