@@ -164,6 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     # Commands with arguments of their own: `reef skills ...`, `reef rollback N`.
     if argv and argv[0] == "skills":
         sys.exit(skills_cli.main(argv[1:]))
+    if argv and argv[0] == "jobs":
+        from services.stack import jobs_cli  # rq and the skill-miner load for this only
+
+        sys.exit(jobs_cli.main(argv[1:]))
     if argv and argv[0] == "rollback":
         sys.exit(rollback.main(argv[1:], Settings(profile="dev")))
     if argv and argv[0] == "openclaw":

@@ -1,0 +1,190 @@
+"""Reef's jobs: plain functions rq imports by name (``services.jobs.tasks.<name>``).
+
+Each takes JSON-able arguments, builds its own settings (from the environment, with the
+namespace it is given) and Redis client, and returns a small JSON-able summary. Each is
+safe to retry: the export is written atomically, the replay is idempotent per turn, and
+re-mining is idempotent per proposal (see ``services.jobs.remine``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import orjson
+import redis
+from pydantic import ValidationError
+
+from services.jobs import dataset
+from services.jobs.queue import sync_redis
+from services.jobs.remine import remine
+from shared.keys import SCORED, Keys
+from shared.messages import BadMessage, ScoredV1, decode
+from shared.settings import Settings
+
+log = logging.getLogger("reef.jobs")
+
+XRANGE_BATCH = 500
+"""Stream entries read per round trip."""
+REPLAY_BATCH = 500
+"""Turns appended per pipeline when replaying."""
+
+# The scorer's own guard (services/scorer/service.py): the marker keyed by the turn id and
+# the append are one atomic step, so a turn is in a namespace's ``scored`` stream once,
+# whether the scorer or a replay put it there, however often a file is replayed.
+_APPEND_ONCE_LUA = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'kind', ARGV[3], 'data', ARGV[4])
+return 1
+"""
+
+
+class ReplayFileError(ValueError):
+    """A line of a replayed file is not an exported scored turn; nothing was replayed."""
+
+
+def job_settings(namespace: str) -> Settings:
+    """The settings of a job: the environment's, in ``namespace``."""
+    return Settings(namespace=namespace)
+
+
+# --- export -------------------------------------------------------------------------------
+
+def export_dataset(namespace: str, tenant: str, out_dir: str, since_id: str = "-",
+                   until_id: str = "+") -> dict[str, Any]:
+    """Export ``tenant``'s scored turns (stream ids ``since_id``..``until_id``) to
+    ``out_dir/scored.jsonl`` and ``out_dir/hf/`` (see ``services.jobs.dataset``)."""
+    settings = job_settings(namespace)
+    out = Path(out_dir)
+    counts: Counter[str] = Counter()
+    client = sync_redis(settings)
+    try:
+        with dataset.staged(out) as stage:
+            rows = _rows(client, Keys(namespace).stream(SCORED), tenant, since_id, until_id,
+                         counts)
+            exported = dataset.write_export(stage, rows)
+            (stage / dataset.HF_DIR / "README.md").write_text(
+                dataset.dataset_card(namespace, tenant, exported))
+            dataset.publish(stage, out)
+    finally:
+        client.close()
+    log.info("jobs.exported", extra={"namespace": namespace, "exported": exported,
+                                     **counts})
+    return {"namespace": namespace, "tenant": tenant, "exported": exported,
+            "skipped": counts["skipped"], "invalid": counts["invalid"],
+            "duplicates": counts["duplicates"],
+            "credential_fields_dropped": counts["credential_fields_dropped"],
+            "jsonl": str(out / dataset.JSONL_NAME), "hf": str(out / dataset.HF_DIR)}
+
+
+def _entries(client: redis.Redis, stream: str, since_id: str,
+             until_id: str) -> Iterator[tuple[str, dict[bytes, bytes]]]:
+    start = since_id
+    while True:
+        chunk = cast(list[tuple[bytes, dict[bytes, bytes]]],
+                     client.xrange(stream, start, until_id, count=XRANGE_BATCH))
+        for entry_id, fields in chunk:
+            yield entry_id.decode(), fields
+        if len(chunk) < XRANGE_BATCH:
+            return
+        start = "(" + chunk[-1][0].decode()
+
+
+def _rows(client: redis.Redis, stream: str, tenant: str, since_id: str, until_id: str,
+          counts: Counter[str]) -> Iterator[dict[str, Any]]:
+    """The readable rows of ``tenant``'s scored turns, oldest first, each turn once."""
+    seen: set[str] = set()
+    for entry_id, fields in _entries(client, stream, since_id, until_id):
+        try:
+            message = decode(fields)
+        except BadMessage:
+            counts["invalid"] += 1
+            continue
+        if not isinstance(message, ScoredV1) or message.turn.tenant != tenant:
+            counts["skipped"] += 1
+            continue
+        if message.id in seen:
+            counts["duplicates"] += 1
+            continue
+        seen.add(message.id)
+        data, dropped = dataset.clean(message)
+        counts["credential_fields_dropped"] += dropped
+        yield dataset.row_of(message, data, entry_id)
+
+
+# --- replay -------------------------------------------------------------------------------
+
+def replay_dataset(jsonl_path: str, namespace: str, tenant: str | None = None
+                   ) -> dict[str, Any]:
+    """Append the scored turns of an exported file (``scored.jsonl`` or the ``hf/`` data
+    file) to ``namespace``'s ``scored`` stream, only ``tenant``'s when given. A turn
+    already there (by its turn id, see ``_APPEND_ONCE_LUA``) is not appended again."""
+    settings = job_settings(namespace)
+    path = Path(jsonl_path)
+    read = sum(1 for _ in _replayed(path, tenant))  # every line valid before any append
+    keys = Keys(namespace)
+    client = sync_redis(settings)
+    appended = 0
+    try:
+        append_once = client.register_script(_APPEND_ONCE_LUA)
+        batch: list[ScoredV1] = []
+        for message in _replayed(path, tenant):
+            batch.append(message)
+            if len(batch) >= REPLAY_BATCH:
+                appended += _append(client, append_once, keys, settings, batch)
+                batch = []
+        appended += _append(client, append_once, keys, settings, batch)
+    finally:
+        client.close()
+    log.info("jobs.replayed", extra={"namespace": namespace, "read": read,
+                                     "appended": appended})
+    return {"namespace": namespace, "tenant": tenant, "read": read, "appended": appended,
+            "already_present": read - appended}
+
+
+def _append(client: redis.Redis, script: Any, keys: Keys, settings: Settings,
+            batch: list[ScoredV1]) -> int:
+    if not batch:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for message in batch:
+        script(keys=[keys.dedupe("scored", message.turn.id), keys.stream(SCORED)],
+               args=[settings.dedupe_ttl_seconds, settings.stream_maxlen, message.kind,
+                     message.to_fields()["data"]], client=pipe)
+    return sum(int(r) for r in pipe.execute())
+
+
+def _replayed(path: Path, tenant: str | None) -> Iterator[ScoredV1]:
+    """The scored turns of an exported file, validated; ``ReplayFileError`` names the
+    first bad line."""
+    with open(path, "rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = orjson.loads(line)
+                raw = row["message"]
+                message = (ScoredV1.model_validate_json(raw) if isinstance(raw, str)
+                           else ScoredV1.model_validate(raw))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValidationError) as exc:
+                raise ReplayFileError(f"{path.name} line {number}: not an exported scored "
+                                      f"turn ({type(exc).__name__})") from None
+            if tenant is None or message.turn.tenant == tenant:
+                yield message
+
+
+# --- re-mining ------------------------------------------------------------------------------
+
+def remine_session(namespace: str, tenant: str, session_id: str) -> dict[str, Any]:
+    """Run the skill-miner over ``session_id``'s failing turns again (see
+    ``services.jobs.remine``); returns the proposals' outcomes and the session's skills."""
+    settings = job_settings(namespace)
+    result = asyncio.run(remine(settings, tenant, session_id))
+    log.info("jobs.remined", extra={"namespace": namespace,
+                                    "failing_turns": len(result["failing_turns"]),
+                                    "proposals": result["proposals"]})
+    return result
