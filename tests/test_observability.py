@@ -45,7 +45,7 @@ DEPLOY = REPO / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
-JOBS = {"gateway", "scorer", "skill-miner", "trainer", "prometheus"}
+JOBS = {"gateway", "scorer", "skill-miner", "trainer", "policy", "prometheus"}
 
 METRICS_KEY = "obs-metrics-key-5f2a9c"
 """Set on every service when Reef has the ``metrics_key`` setting (then /metrics needs it)."""
@@ -248,14 +248,15 @@ def model_cache(policy_data_dir: Path) -> Path:
 
 class Stack:
     def __init__(self, gateway: GatewayProcess, scorer: Proc, miner: Proc, trainer: Proc,
-                 client: redis.Redis, namespace: str) -> None:
+                 policy: Proc, client: redis.Redis, namespace: str) -> None:
         self.gateway, self.scorer, self.miner, self.trainer = gateway, scorer, miner, trainer
+        self.policy = policy
         self.client, self.namespace = client, namespace
 
     @property
     def workers(self) -> dict[str, ServiceProcess]:
         return {"gateway": self.gateway, "scorer": self.scorer, "skill-miner": self.miner,
-                "trainer": self.trainer}
+                "trainer": self.trainer, "policy": self.policy}
 
 
 @pytest.fixture(scope="module")
@@ -293,14 +294,20 @@ def stack(redis_server: RedisServer, upstream: FakeUpstream, judge: FakeJudge,
         gateway_env["REEF_METRICS_KEY"] = METRICS_KEY
     gateway = GatewayProcess(redis_server.url, upstream.base_url, namespace, root / "gateway",
                              gateway_env)
-    procs: list[Proc] = [trainer, scorer, miner]
+    # The policy server is only scraped here (the gateway talks to the fake upstream).
+    policy_port = free_port()
+    share_models(model_cache(policy_data_dir), root / "policy")
+    policy = Proc("services.policy", {
+        **trainer.env, "REEF_POLICY_PORT": str(policy_port), "REEF_POLICY_THREADS": "1",
+        "REEF_DATA_DIR": str(root / "policy")}, root / "policy", policy_port, "/readyz")
+    procs: list[Proc] = [trainer, policy, scorer, miner]
     try:
         for proc in procs:  # the trainer first: it loads the model meanwhile
             proc.spawn()
         gateway.start(timeout=60)
-        for proc in (scorer, miner):
-            proc.wait_ready(60)
-        yield Stack(gateway, scorer, miner, trainer, redis_server.client(), namespace)
+        for proc in (scorer, miner, policy):
+            proc.wait_ready(120)
+        yield Stack(gateway, scorer, miner, trainer, policy, redis_server.client(), namespace)
     finally:
         stop_all([gateway, *procs])
 

@@ -192,6 +192,28 @@ def test_several_choices_have_their_index(server: PolicyServer) -> None:
     assert [c.index for c in answer.choices] == [0, 1]
 
 
+def metric(server: PolicyServer, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics").text
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v
+                                              for k, v in labels.items()))
+
+
+def test_metrics_count_requests_by_route_and_status(server: PolicyServer) -> None:
+    route = "/v1/chat/completions"
+    before = metric(server, "reef_policy_requests_total", route=route, status="200")
+    bad = metric(server, "reef_policy_requests_total", route=route, status="400")
+    server.client().chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=2)
+    httpx.post(server.url + route, json={"model": MODEL, "messages": []})
+    assert metric(server, "reef_policy_requests_total", route=route, status="200") == before + 1
+    assert metric(server, "reef_policy_requests_total", route=route, status="400") == bad + 1
+    assert metric(server, "reef_policy_ready") == 1
+    assert metric(server, "reef_policy_request_seconds_count", route=route) >= 2
+
+
 @pytest.mark.parametrize("body", [
     {"messages": []},
     {"messages": PROMPT, "n": 100},

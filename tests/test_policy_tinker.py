@@ -270,6 +270,29 @@ def test_a_local_path_is_refused_and_tinker_failures_keep_the_server_unready(
         server.stop()
 
 
+def test_metrics_need_the_metrics_key(cloud: FakeService) -> None:
+    prod: dict[str, Any] = {"profile": "prod", "policy_backend": "tinker", "model_name": MODEL,
+                            "upstream_api_key": "sk-gateway-key",
+                            "api_keys": {"sk-some-client-key": "t"}}
+    settings = Settings(**prod, metrics_key="policy-metrics-key-1")
+    with pytest.raises(ValueError, match="metrics_key"):
+        create_app(Settings(**prod))
+    port = free_port()
+    server = ThreadedServer(create_app(settings, tinker_load=lambda s, n: tinker_engine.load(
+        s, n, service_factory=lambda _: cloud, tokenizer_factory=lambda _: tokenizer())),
+        port, "policy-metrics")
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        assert httpx.get(url).status_code == 401
+        wrong = httpx.get(url, headers={"Authorization": "Bearer sk-gateway-key"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        ok = httpx.get(url, headers={"Authorization": "Bearer policy-metrics-key-1"})
+        assert ok.status_code == 200 and "reef_policy_requests_total" in ok.text
+    finally:
+        server.stop()
+
+
 def test_settings_name_the_backend(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="policy_backend"):
         Settings(profile="dev", policy_backend="vllm")  # type: ignore[arg-type]

@@ -30,12 +30,14 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.policy import BASE_VERSION, POLICY_VERSION_HEADER, chat, model, tinker_engine
 from services.policy.engine import Engine, PolicyEngine
 from services.policy.lora import AdapterError, AdapterNotFoundError, AdapterRegistry, Adapters
+from services.policy.metrics import CountRequests, PolicyMetrics
 from services.policy.schemas import (
     ChatCompletionRequest,
     LoadLoraAdapterRequest,
@@ -44,6 +46,7 @@ from services.policy.schemas import (
 )
 from services.policy.score import CompletionRequest, score
 from services.policy.text import TokenTexts
+from shared.metrics import MetricsAuth, require_metrics_key
 from shared.settings import Settings, hash_api_key
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ class PolicyState:
 
     def __init__(self, settings: Settings, tinker_load: TinkerLoader | None = None) -> None:
         self.settings = settings
+        self.metrics = PolicyMetrics.create()
         self.model_name = (settings.model_name if settings.policy_backend == "tinker"
                            else model.served_name(settings.model_name))
         self.engine: PolicyEngine | None = None
@@ -86,6 +90,7 @@ class PolicyState:
         engine = Engine(loaded.model, loaded.tokenizer, threads=s.policy_threads)
         self.adapters = AdapterRegistry(loaded.model, engine.active, self.model_name)
         self.engine = engine
+        self.metrics.ready.set(1)
 
     async def _load_tinker(self) -> None:
         try:
@@ -98,6 +103,7 @@ class PolicyState:
         self.texts = TokenTexts(serving.engine.tokenizer)
         self.adapters = serving.adapters
         self.engine = serving.engine
+        self.metrics.ready.set(1)
 
 
 class VersionHeader:
@@ -128,7 +134,8 @@ class BearerKey:
     (``upstream_api_key``, which the gateway sends); a 401 in OpenAI's shape otherwise.
     Compared as SHA-256 digests in constant time."""
 
-    OPEN = frozenset({"/healthz", "/readyz"})
+    OPEN = frozenset({"/healthz", "/readyz", "/metrics"})
+    """``/metrics`` has its own key (``metrics_key``), what Prometheus sends."""
 
     def __init__(self, app: ASGIApp, key: str) -> None:
         self.app = app
@@ -184,6 +191,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(settings: Settings, tinker_load: TinkerLoader | None = None) -> FastAPI:
     """The policy server's ASGI app; the model starts loading when the app starts."""
+    require_metrics_key(settings, "the policy server")
     state = PolicyState(settings, tinker_load)
 
     @asynccontextmanager
@@ -199,6 +207,7 @@ def create_app(settings: Settings, tinker_load: TinkerLoader | None = None) -> F
     _install_error_handlers(app)
     _add_routes(app, state)
     app.add_middleware(VersionHeader)
+    app.add_middleware(CountRequests, metrics=state.metrics)
     if settings.upstream_api_key is not None:  # the gateway's key for its upstream
         app.add_middleware(BearerKey, key=settings.upstream_api_key.get_secret_value())
     return app
@@ -226,6 +235,18 @@ def _add_routes(app: FastAPI, state: PolicyState) -> None:
                           "owned_by": "reef", "root": adapter.path,
                           "parent": state.model_name})
         return _json({"object": "list", "data": cards})
+
+    metrics_auth = MetricsAuth(state.settings)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        if not metrics_auth.allows(request.headers.get("authorization")):
+            return _error(401, "Missing or incorrect metrics key: send 'Authorization: "
+                          "Bearer <metrics_key>'.", "invalid_request_error",
+                          code="invalid_api_key")
+        state.metrics.adapters_loaded.set(len(state.adapters or ()))
+        return Response(generate_latest(state.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
@@ -274,7 +295,9 @@ def _add_lora_routes(app: FastAPI, state: PolicyState) -> None:
             await state.adapters.load(req.lora_name, req.lora_path, replace=req.load_inplace)
         except AdapterError as exc:
             log.info("policy.lora_load_refused name=%s code=%s", req.lora_name, exc.code)
+            state.metrics.adapter_changes.labels("load", "refused").inc()
             return _error(400, str(exc), "invalid_request_error", exc.param, exc.code)
+        state.metrics.adapter_changes.labels("load", "ok").inc()
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -287,7 +310,9 @@ def _add_lora_routes(app: FastAPI, state: PolicyState) -> None:
         try:
             state.adapters.unload(req.lora_name)
         except AdapterNotFoundError:
+            state.metrics.adapter_changes.labels("unload", "not_found").inc()
             return _error(404, f"The lora adapter '{req.lora_name}' cannot be found.",
                           "not_found_error", "lora_name", "lora_not_found")
+        state.metrics.adapter_changes.labels("unload", "ok").inc()
         return PlainTextResponse(
             f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
