@@ -123,15 +123,17 @@ def _text(content: Any) -> str:
     return "" if content is None else orjson.dumps(content).decode()
 
 
-def dataset_card(namespace: str, tenant: str, rows: int) -> str:
-    """The ``hf/README.md``: YAML front matter (configs, features) and a short card."""
+def dataset_card(namespace: str, tenant: str, rows: int, data_bytes: int) -> str:
+    """The ``hf/README.md``: YAML front matter (configs, features, the split's size) and a
+    short card."""
     import yaml
 
     front = {
         "configs": [{"config_name": "default",
                      "data_files": [{"split": "train", "path": HF_DATA_FILE}]}],
         "dataset_info": {"features": HF_FEATURES,
-                         "splits": [{"name": "train", "num_examples": rows}]},
+                         "splits": [{"name": "train", "num_bytes": data_bytes,
+                                     "num_examples": rows}]},
         "tags": ["reef", "rlhf", "conversations"],
     }
     return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"

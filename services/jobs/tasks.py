@@ -67,8 +67,9 @@ def export_dataset(namespace: str, tenant: str, out_dir: str, since_id: str = "-
             rows = _rows(client, Keys(namespace).stream(SCORED), tenant, since_id, until_id,
                          counts)
             exported = dataset.write_export(stage, rows)
-            (stage / dataset.HF_DIR / "README.md").write_text(
-                dataset.dataset_card(namespace, tenant, exported))
+            hf = stage / dataset.HF_DIR
+            (hf / "README.md").write_text(dataset.dataset_card(
+                namespace, tenant, exported, (hf / dataset.HF_DATA_FILE).stat().st_size))
             dataset.publish(stage, out)
     finally:
         client.close()
