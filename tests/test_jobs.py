@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import redis
@@ -367,6 +368,8 @@ def test_worker_process_runs_jobs_until_sigterm(
                               capture_output=True, text=True, timeout=30, check=True)
         assert queue_name(namespace) in info.stdout
         assert "1 workers" in info.stdout or "1 worker" in info.stdout
+        scraped = httpx.get(worker.url + "/metrics", timeout=5).text
+        assert 'reef_jobs_runs_total{job="export_dataset",outcome="succeeded"} 1.0' in scraped
     finally:
         assert worker.proc is not None
         worker.proc.terminate()
@@ -376,4 +379,4 @@ def test_worker_process_runs_jobs_until_sigterm(
     events = [json.loads(line)["event"] for line in log if line.startswith("{")]
     assert "jobs.exported" in events and events[-1] == "jobs.worker_stopped"
     assert all(line.startswith("{") for line in log if line.strip()), log[:5]
-    assert not os.listdir(tmp_path / "out" / "hf" / "data")[0].startswith(".")
+    assert sorted(os.listdir(tmp_path / "out")) == ["hf", "scored.jsonl"]
