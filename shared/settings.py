@@ -122,6 +122,10 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = None
     """Bearer key of the admin API (``/admin``); not an inference key unless it is also
     listed in ``api_keys``."""
+    tenant_admin_keys: dict[str, str] = Field(default_factory=dict)
+    """Admin key -> tenant: a key that opens the admin API for that tenant's routes only
+    (``/admin/tenants/<tenant>/...``; 403 elsewhere), for a team that manages its own
+    skills. Hashed on load like ``api_keys``."""
     rate_limit_rps: float = 0.0
     """Requests per second each API key may make (a token bucket); 0 turns limits off.
     The bucket lives in each gateway replica: behind N replicas a key may get up to N
@@ -328,7 +332,7 @@ class Settings(BaseSettings):
     on every step (also when a batch's rewards are all equal). It keeps a small model from
     drifting into reward-hacking gibberish; costs one forward pass of the base per step."""
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "tenant_admin_keys")
     @classmethod
     def _hash_keys(cls, keys: dict[str, str]) -> dict[str, str]:
         return {k if k.startswith("sha256:") else hash_api_key(k): t for k, t in keys.items()}
@@ -354,6 +358,8 @@ class Settings(BaseSettings):
         for key in self.api_keys:
             if key in _PLACEHOLDER_HASHES:
                 raise ConfigError("api_keys (REEF_API_KEYS) holds a placeholder key")
+        if any(key in _PLACEHOLDER_HASHES for key in self.tenant_admin_keys):
+            raise ConfigError("tenant_admin_keys (REEF_TENANT_ADMIN_KEYS) holds a placeholder key")
         if self.metrics_port > 0 and self.metrics_key is None:
             raise ConfigError("metrics_key (REEF_METRICS_KEY) is not set but metrics_port "
                               "is: /metrics would be open; set a key (Prometheus sends it as "

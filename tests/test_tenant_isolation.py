@@ -9,7 +9,8 @@ and is not listed to it). Covered elsewhere, not repeated: skills
 (``test_skill_injection.test_one_tenants_skills_never_reach_another_tenant``: the
 upstream sees the prompt; ``test_skill_store.test_tenants_are_isolated``), the admin API
 (``test_skills_admin.test_auth`` / ``test_tenant_isolation``, ``test_security``: an
-inference key gets 403 on every admin route) and feedback storage
+inference key gets 403 on every admin route; a tenant's own admin key is tested here) and
+feedback storage
 (``test_feedback.test_feedback_lands_under_the_callers_tenant_only``).
 """
 
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import redis
@@ -33,6 +35,9 @@ from tests.test_scorer import wait_scored
 
 NS = "isolation"
 SESSION = "shared-session"
+ADMIN_KEY = "operator-admin-key-7f3e"
+ALPHA_ADMIN_KEY = "alpha-admin-key-2b9d"
+"""Opens tenant alpha's admin routes only (``tenant_admin_keys``)."""
 ALPHA_ADAPTER = "reef-alpha-v1"
 """Tenant alpha's own adapter (a trainer with ``train_tenant=alpha`` publishes it)."""
 
@@ -61,8 +66,9 @@ def stack(redis_server: RedisServer, upstream: FakeUpstream,
                            path="/ckpt/alpha/v1", step=1)
     redis_server.client().xadd(Keys(NS).stream(WEIGHTS), event.to_fields())  # type: ignore[arg-type]
     data_dir = tmp_path_factory.mktemp("isolation")
-    gateway = GatewayProcess(redis_server.url, upstream.base_url, NS, data_dir,
-                             env={"REEF_ADAPTER_NAME": "reef"})
+    gateway = GatewayProcess(redis_server.url, upstream.base_url, NS, data_dir, env={
+        "REEF_ADAPTER_NAME": "reef", "REEF_ADMIN_KEY": ADMIN_KEY,
+        "REEF_TENANT_ADMIN_KEYS": f'{{"{ALPHA_ADMIN_KEY}": "alpha"}}'})
     scorer = scorer_process(redis_server.url, NS, data_dir)
     gateway.start()
     scorer.start()
@@ -149,3 +155,25 @@ def test_a_shared_adapter_serves_every_tenant_and_a_tenants_own_wins(
 
     wait_for(lambda: served(OTHER_KEY) == "reef-v7", "beta served by the shared adapter")
     assert served(API_KEY) == ALPHA_ADAPTER
+
+
+def test_a_tenants_admin_key_opens_that_tenants_routes_only(
+        stack: tuple[GatewayProcess, ServiceProcess]) -> None:
+    gateway, _ = stack
+    skill = {"name": "check-paths", "description": "Before editing a file.",
+             "body": "Confirm the path exists first."}
+
+    def call(key: str, method: str, path: str, body: Any = None) -> int:
+        return httpx.request(method, gateway.url + path, json=body,
+                             headers={"Authorization": f"Bearer {key}"}).status_code
+
+    assert call(ALPHA_ADMIN_KEY, "POST", "/admin/tenants/alpha/skills", skill) == 201
+    assert call(ALPHA_ADMIN_KEY, "GET", "/admin/tenants/alpha/skills/check-paths") == 200
+    for method, path in (("GET", "/admin/tenants/beta/skills"), ("GET", "/admin/tenants"),
+                         ("POST", "/admin/tenants/beta/skills"),
+                         ("GET", "/admin/dashboard/data")):
+        assert call(ALPHA_ADMIN_KEY, method, path, skill) == 403, path
+    assert call(ADMIN_KEY, "GET", "/admin/tenants/beta/skills") == 200  # the operator's key
+    assert call(OTHER_KEY, "GET", "/admin/tenants/beta/skills") == 403  # an inference key
+    assert call(ALPHA_ADMIN_KEY, "POST", "/v1/chat/completions", {
+        "model": "fake-text", "messages": [{"role": "user", "content": "hi"}]}) == 401

@@ -1,8 +1,10 @@
 """The admin API: a tenant's skill library, behind the admin key.
 
-Every route needs ``Authorization: Bearer <admin_key>`` (``REEF_ADMIN_KEY``): no header or
-an unknown key is a 401, an inference key (one of ``api_keys``) a 403, and with no admin
-key configured every route answers 403 "admin API disabled": the API is never open.
+Every route needs ``Authorization: Bearer <admin_key>`` (``REEF_ADMIN_KEY``), or a
+tenant's admin key (``REEF_TENANT_ADMIN_KEYS``) on that tenant's routes: no header or an
+unknown key is a 401, an inference key (one of ``api_keys``) or a tenant's admin key
+elsewhere a 403, and with no admin key configured every route answers 403 "admin API
+disabled": the API is never open.
 Routes act on the tenant named in the path; a skill is named by its id (``sk_...``) or
 its name. Errors come in OpenAI's shape: 400 naming the field, 404 unknown skill, 409
 duplicate name, 503 Redis unreachable.
@@ -81,9 +83,13 @@ class AdminAuth:
         key = settings.admin_key.get_secret_value() if settings.admin_key else ""
         self._digest = hash_api_key(key) if key else None
         self._inference = frozenset(settings.api_keys)
+        self._tenant_keys = dict(settings.tenant_admin_keys)
 
-    def __call__(self, headers: Mapping[str, str]) -> None:
-        if self._digest is None:
+    def __call__(self, headers: Mapping[str, str], tenant: str | None = None) -> None:
+        """Allow the admin key anywhere, a tenant's admin key (``tenant_admin_keys``) on
+        that tenant's routes only (``tenant`` is the route's; None on routes over every
+        tenant); raise a 401 or 403 otherwise."""
+        if self._digest is None and not self._tenant_keys:
             raise APIError(403, "The admin API is disabled: set admin_key (REEF_ADMIN_KEY) "
                                 "to enable it.", code="admin_api_disabled")
         header = headers.get("authorization")
@@ -91,8 +97,15 @@ class AdminAuth:
             raise APIError(401, "Missing admin key: send 'Authorization: Bearer <admin key>'.",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         digest = hash_api_key(header[7:].strip())
-        if hmac.compare_digest(digest, self._digest):
+        if self._digest is not None and hmac.compare_digest(digest, self._digest):
             return
+        scoped = self._tenant_keys.get(digest)
+        if scoped is not None:
+            if scoped == tenant:
+                return
+            raise APIError(403, "This admin key is for one tenant's routes "
+                                "(/admin/tenants/<its tenant>/...) only.",
+                           code="permission_denied")
         if digest in self._inference:
             raise APIError(403, "This is an inference API key; the admin API needs the "
                                 "admin key.", code="permission_denied")
@@ -248,8 +261,8 @@ def add_admin_routes(app: FastAPI, settings: Settings, redis: aioredis.Redis,
     admin = SkillsAdmin(store)
 
     async def guard(request: Request) -> None:
-        auth(request.headers)
         tenant = request.path_params.get("tenant")
+        auth(request.headers, tenant)
         if tenant is not None:
             try:
                 check_tenant(tenant)
