@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(openclaw_main(argv[1:], Settings(profile="dev")))
     parser = argparse.ArgumentParser(
         prog="reef", description=__doc__,
-        epilog="also: reef skills --help (the skill library), reef rollback N")
+        epilog="also: reef skills --help (the skill library), reef jobs --help (exports, "
+               "replays, re-mining), reef rollback N")
     commands = {"demo": None, "smoke": smoke, "dev": dev, "chat": chat, "hash-key": hash_key}
     parser.add_argument("command", choices=list(commands))
     parser.add_argument("--loop", action="store_true",
