@@ -8,15 +8,20 @@ first on hand-made Redis contents, so the big test cannot pass by counting nothi
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from chaos.account import account
 from chaos.faults import KILLED, RESTARTED
 from chaos.run import ChaosConfig, run
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.recorder import Recorder
 from shared.keys import GROUP_SKILL_MINER, GROUP_TRAINER, SCORED, TURNS, Keys
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, free_port
 
 
 def _turn(turn_id: str, response_id: str) -> dict[Any, Any]:
@@ -53,6 +58,35 @@ def test_accounting_finds_lost_duplicated_and_dead_lettered_turns(
     assert (acc.answered, acc.recorded, acc.scored, acc.dead_lettered) == (7, 6, 5, 1)
     assert acc.seen == {"trainer": 4, "skill-miner": 5}
     assert acc.dead_reasons == {"invalid": 1}
+
+
+async def test_an_answer_waits_until_its_turn_is_in_redis_or_the_spool(
+        redis_server: RedisServer, namespace: str, tmp_path: Path) -> None:
+    """What lets a SIGKILLed gateway lose no answered turn: ``Recorder.record`` returns a
+    future that the chat handler awaits before the answer's last bytes; it is done only
+    once the turn is in the ``turns`` stream or, with Redis down, in the spool file."""
+    keys = Keys(namespace)
+    turn = {"kind": "turn.v1", "id": "turn-1", "tenant": "t", "session_id": "s"}
+    up = aioredis.from_url(redis_server.url)
+    down = aioredis.from_url(f"redis://127.0.0.1:{free_port()}")  # nothing listens there
+    spool = tmp_path / "spool.jsonl"
+    recorders = [Recorder(client, keys, path, GatewayMetrics.create(), 1000, 60)
+                 for client, path in ((up, tmp_path / "unused.jsonl"), (down, spool))]
+    try:
+        for recorder in recorders:
+            recorder.start()
+        durable = recorders[0].record(turn)
+        assert not durable.done()
+        await asyncio.wait_for(durable, 10)
+        assert await up.xlen(keys.stream(TURNS)) == 1
+        durable = recorders[1].record(turn)
+        await asyncio.wait_for(durable, 10)
+        assert json.loads(spool.read_text().splitlines()[0])["id"] == "turn-1"
+    finally:
+        for recorder in recorders:
+            await recorder.close()
+        await up.aclose()
+        await down.aclose()
 
 
 def test_chaos_reduced_nothing_lost_nothing_twice(tmp_path: Path) -> None:
