@@ -362,12 +362,14 @@ class StreamWorker:
             done = [0] * len(batch)
         fresh: list[tuple[Entry, Message]] = []
         duplicates: list[tuple[Entry, Message | None]] = []
-        seen: set[str] = set()
+        # By kind and id: a scored.v1 carries its turn's id, so a stray turn.v1 in the
+        # same batch (rejected by the handler) must not make the scored entry a duplicate.
+        seen: set[tuple[str, str]] = set()
         for (entry, message), was_done in zip(batch, done, strict=True):
-            if was_done or message.id in seen:
+            if was_done or (message.kind, message.id) in seen:
                 duplicates.append((entry, None))
             else:
-                seen.add(message.id)
+                seen.add((message.kind, message.id))
                 fresh.append((entry, message))
         if duplicates:
             await self._settle(partial(self._ack_many, duplicates, OUTCOME_DUPLICATE))

@@ -40,7 +40,8 @@ from shared.keys import (
     Keys,
 )
 from shared.messages import FinalisedV1, Message, ScoredV1, SkillEventV1, WeightsEventV1
-from shared.worker import StreamWorker
+from shared.settings import Settings
+from shared.worker import Reject, StreamWorker
 from tests.conftest import RedisServer
 from tests.fake_llm import FakeLLM
 from tests.fake_upstream import FakeUpstream
@@ -303,3 +304,38 @@ def test_gateway_followers_skip_malformed_events(
         assert "FOLLOWER-MARKER" in orjson.dumps(upstream.requests[-1]).decode()
     finally:
         gw.stop()
+
+
+# --- the worker itself ----------------------------------------------------------------
+
+async def test_a_stray_message_sharing_an_id_does_not_shadow_the_real_one(
+        redis_server: RedisServer, namespace: str, aredis: aioredis.Redis) -> None:
+    # A scored.v1 carries its turn's id: a turn.v1 on the scored stream, read in the same
+    # batch, is rejected, and the scored entry after it must still be handled.
+    settings = Settings(profile="dev", namespace=namespace, redis_url=redis_server.url,
+                        worker_block_ms=100)
+    handled: list[str] = []
+
+    async def handler(message: Message, _entry_id: str) -> None:
+        if not isinstance(message, ScoredV1):
+            raise Reject(f"expected scored.v1, got {message.kind}")
+        handled.append(message.id)
+
+    client, keys = redis_server.client(), Keys(namespace)
+    real = scored_turn(7, 1.0)
+    stray = inject(client, keys.stream(SCORED),
+                   [("its turn", real.turn.to_fields(), "expected scored.v1")])
+    publish(client, keys.stream(SCORED), real)
+    worker = StreamWorker(aredis, keys, SCORED, "g", "c-1", handler, settings,
+                          CollectorRegistry())
+    task = asyncio.create_task(worker.run())
+    try:
+        deadline = time.monotonic() + 10
+        while not handled:
+            assert time.monotonic() < deadline and not task.done(), "not handled"
+            await asyncio.sleep(0.05)
+        assert handled == [real.id]
+        await asyncio.to_thread(assert_dead_lettered, client, keys.dead(SCORED), "g", stray)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 5)
