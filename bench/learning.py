@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="trainer mode (skills_only: no learning)")
     group.add_argument("--learning-gate", action=argparse.BooleanOptionalAction, default=True,
                        help="the trainer's gate on new adapters")
+    group.add_argument("--learning-kl", default="0",
+                       help="the trainer's kl_base_coef (KL penalty to the base model)")
 
 
 async def drive(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
@@ -65,7 +67,8 @@ async def drive(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
                         namespace="bench-learn-" + uuid.uuid4().hex[:6])
     env = {"REEF_LEARNING_RATE": str(args.learning_rate),
            "REEF_MAX_STEPS": str(args.learning_steps), "REEF_MODE": args.learning_mode,
-           "REEF_GATE_ENABLED": str(args.learning_gate).lower()}
+           "REEF_GATE_ENABLED": str(args.learning_gate).lower(),
+           "REEF_KL_BASE_COEF": str(args.learning_kl)}
     stack = Stack(data_dir)
     try:
         info = start_stack(settings, stack, learning=True, env=env)
@@ -107,7 +110,7 @@ async def _measure(args: argparse.Namespace, driver: LoopDriver, user: ScriptedU
     print(f"{log.committed} steps ({len(log.steps)} published) in {log.seconds:.0f}s "
           "of training")
     title = (f"SmolLM2-135M, scripted preference: <= {args.learning_max_words} words, on topic "
-             f"(lr {args.learning_rate})")
+             f"(lr {args.learning_rate}, KL to base {args.learning_kl})")
     plot(rows, before, after, out_dir / "learning.png", title)
     result: dict[str, object] = {"args": vars(args), "rounds": [asdict(r) for r in rows],
               "steps": [asdict(s) for s in log.steps],

@@ -33,7 +33,7 @@ DOCKERFILE = REPO / "deploy" / "Dockerfile"
 PROMETHEUS = REPO / "deploy" / "prometheus" / "prometheus.yml"
 
 REEF_SERVICES = {"gateway", "scorer", "skill-miner", "trainer", "policy", "jobs"}
-WORKERS = {"scorer": "9101", "skill-miner": "9103", "trainer": "9102"}
+WORKERS = {"scorer": "9101", "skill-miner": "9103", "trainer": "9102", "jobs": "9104"}
 """Stream consumers and their metrics ports."""
 ALL_SERVICES = REEF_SERVICES | {"redis", "prometheus", "grafana"}
 

@@ -45,7 +45,7 @@ DEPLOY = REPO / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
-JOBS = {"gateway", "scorer", "skill-miner", "trainer", "policy", "prometheus"}
+JOBS = {"gateway", "scorer", "skill-miner", "trainer", "policy", "jobs", "prometheus"}
 
 METRICS_KEY = "obs-metrics-key-5f2a9c"
 """Set on every service when Reef has the ``metrics_key`` setting (then /metrics needs it)."""
@@ -248,15 +248,15 @@ def model_cache(policy_data_dir: Path) -> Path:
 
 class Stack:
     def __init__(self, gateway: GatewayProcess, scorer: Proc, miner: Proc, trainer: Proc,
-                 policy: Proc, client: redis.Redis, namespace: str) -> None:
+                 policy: Proc, jobs: Proc, client: redis.Redis, namespace: str) -> None:
         self.gateway, self.scorer, self.miner, self.trainer = gateway, scorer, miner, trainer
-        self.policy = policy
+        self.policy, self.jobs = policy, jobs
         self.client, self.namespace = client, namespace
 
     @property
     def workers(self) -> dict[str, ServiceProcess]:
         return {"gateway": self.gateway, "scorer": self.scorer, "skill-miner": self.miner,
-                "trainer": self.trainer, "policy": self.policy}
+                "trainer": self.trainer, "policy": self.policy, "jobs": self.jobs}
 
 
 @pytest.fixture(scope="module")
@@ -300,14 +300,16 @@ def stack(redis_server: RedisServer, upstream: FakeUpstream, judge: FakeJudge,
     policy = Proc("services.policy", {
         **trainer.env, "REEF_POLICY_PORT": str(policy_port), "REEF_POLICY_THREADS": "1",
         "REEF_DATA_DIR": str(root / "policy")}, root / "policy", policy_port, "/readyz")
-    procs: list[Proc] = [trainer, policy, scorer, miner]
+    jobs = worker("services.jobs", redis_server.url, namespace, root / "jobs", {})
+    procs: list[Proc] = [trainer, policy, scorer, miner, jobs]
     try:
         for proc in procs:  # the trainer first: it loads the model meanwhile
             proc.spawn()
         gateway.start(timeout=60)
-        for proc in (scorer, miner, policy):
+        for proc in (scorer, miner, jobs, policy):
             proc.wait_ready(120)
-        yield Stack(gateway, scorer, miner, trainer, policy, redis_server.client(), namespace)
+        yield Stack(gateway, scorer, miner, trainer, policy, jobs, redis_server.client(),
+                    namespace)
     finally:
         stop_all([gateway, *procs])
 
