@@ -329,6 +329,14 @@ def test_missing_model(probe: Probe) -> None:
     probe.rejects(json.dumps({"messages": [USER]}).encode(), 400, "model", "Missing")
 
 
+@pytest.mark.parametrize("session_id", ["a\r\nSet-Cookie: x=1", "nul\x00", "x" * 257, 42])
+def test_unusable_session_id_in_the_body(probe: Probe, session_id: Any) -> None:
+    # The session id is echoed in X-Reef-Session-Id: a control character there made the
+    # gateway drop the connection after the upstream had answered (found by schemathesis).
+    probe.rejects(chat(session_id=session_id), 400, "session_id", "session id",
+                  headers={"X-Session-Id": ""})
+
+
 def test_stream_options_not_an_object(probe: Probe) -> None:
     probe.rejects(chat(stream=True, stream_options=True), 400, "stream_options", "object")
 

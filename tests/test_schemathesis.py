@@ -1,6 +1,7 @@
 """Schemathesis against the gateway's own OpenAPI document: a real gateway process in front
 of the fake upstream, every operation fuzzed with valid and invalid input. No answer may
-be a 5xx, and every 4xx must be in OpenAI's error shape."""
+be a 5xx, every 4xx must be in OpenAI's error shape, and every answer must match the
+document (which makes the document's description of the raw chat route checked too)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 from schemathesis import GenerationMode
-from schemathesis.checks import CheckContext, not_a_server_error
+from schemathesis.checks import (
+    CheckContext,
+    not_a_server_error,
+    response_schema_conformance,
+)
 
 from tests.conftest import RedisServer
 from tests.fake_upstream import FakeUpstream
@@ -84,7 +89,11 @@ def test_schema_describes_the_raw_chat_route(gateway: GatewayProcess) -> None:
     assert body["properties"]["n"]["maximum"] == 16
     assert chat["responses"]["400"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/Error"}
-    assert "requestBody" in doc["paths"]["/v1/feedback"]["post"]
+    feedback = doc["paths"]["/v1/feedback"]["post"]
+    assert feedback["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/FeedbackRequest"}
+    assert "Feedback" in feedback["responses"]["200"]["content"]["application/json"][
+        "schema"]["$ref"]
     assert all("422" not in op["responses"] for item in doc["paths"].values()
                for op in item.values())
 
@@ -95,9 +104,7 @@ def test_schema_describes_the_raw_chat_route(gateway: GatewayProcess) -> None:
           suppress_health_check=list(HealthCheck))
 def test_gateway_api(case: Any) -> None:
     key = ADMIN_KEY if case.path.startswith("/admin") else API_KEY
-    # A fresh connection per request: a pooled one idle for uvicorn's 5 s keep-alive
-    # (slow example generation on a loaded machine) can be closed as it is reused.
-    case.headers = {**(case.headers or {}), "Authorization": f"Bearer {key}",
-                    "Connection": "close"}
-    case.call_and_validate(checks=[not_a_server_error], additional_checks=[openai_error_shape],
+    case.headers = {**(case.headers or {}), "Authorization": f"Bearer {key}"}
+    case.call_and_validate(checks=[not_a_server_error, response_schema_conformance],
+                           additional_checks=[openai_error_shape],
                            timeout=10)

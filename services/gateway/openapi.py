@@ -47,6 +47,8 @@ BODY_MODELS: dict[tuple[str, str], type[BaseModel]] = {
     ("/admin/tenants/{tenant}/skills/{skill}/retire", "post"): StatusChangeBody,
 }
 """Routes that read their JSON body themselves, and the model that checks it."""
+RESPONSE_SCHEMAS = {(FEEDBACK_PATH, "post"): "Feedback", ("/v1/models", "get"): "ModelList"}
+"""Answers FastAPI cannot describe (the routes build their JSON themselves)."""
 
 
 def install_openapi(app: FastAPI, limits: RequestLimits) -> None:
@@ -79,6 +81,11 @@ def complete(schema: dict[str, Any], limits: RequestLimits) -> dict[str, Any]:
             schemas[model.__name__] = model.model_json_schema(ref_template=REF + "{model}")
             operation["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": {"$ref": REF + model.__name__}}}}
+    for (path, method), name in RESPONSE_SCHEMAS.items():
+        operation = paths.get(path, {}).get(method)
+        if operation is not None:
+            operation.setdefault("responses", {})["200"] = {
+                "description": "OK", "content": {"application/json": {"schema": _ref(name)}}}
     for item in paths.values():
         for operation in item.values():
             _error_responses(operation)
@@ -115,7 +122,12 @@ def chat_operation() -> dict[str, Any]:
             "headers": {"X-Reef-Session-Id": {"schema": {"type": "string"}}},
             "content": {
                 "application/json": {"schema": {"$ref": REF + "ChatCompletion"}},
-                "text/event-stream": {"schema": {"type": "string"}},
+                # Each event: ``data:`` a ChatCompletionChunk as JSON, last ``[DONE]``.
+                "text/event-stream": {"schema": {
+                    "type": "object", "required": ["data"],
+                    "properties": {"data": {"type": "string",
+                                            "contentMediaType": "application/json"},
+                                   "event": {"type": "string"}}}},
             }}},
     }
 
@@ -196,6 +208,18 @@ def chat_schemas(limits: RequestLimits) -> dict[str, Any]:
                 "turn_type": {"type": "string", "enum": ["main", "side"]},
                 "session_done": {"type": "boolean"},
             }},
+        "Feedback": {"type": "object",
+                     "required": ["object", "id", "session_id", "target", "score"],
+                     "properties": {"object": {"type": "string", "enum": ["feedback"]},
+                                    "id": text, "session_id": text, "target": text,
+                                    "score": {"type": "number", "minimum": -1,
+                                              "maximum": 1}}},
+        "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
+            "object": {"type": "string", "enum": ["list"]},
+            "data": {"type": "array", "items": {
+                "type": "object", "required": ["id", "object"],
+                "properties": {"id": text, "object": text, "created": {"type": "integer"},
+                               "owned_by": text}}}}},
         "ChatCompletion": {"type": "object", "required": ["id", "object", "choices"],
                            "properties": {"id": text, "object": text, "model": text,
                                           "created": {"type": "integer"},

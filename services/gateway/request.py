@@ -8,6 +8,7 @@ field it does not know untouched for the upstream.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import AsyncIterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,8 @@ on the chat route). orjson parses up to 1,024 levels but serialises only up to 2
 turn is re-serialised inside other messages: a deeper body would fail after its answer."""
 ORJSON_MAX_DEPTH = 254
 """The deepest nesting ``orjson.dumps`` writes (it raises beyond it)."""
+_NOT_IN_HEADERS = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+"""Characters an HTTP header value cannot hold (a tab can)."""
 SESSION_FIELDS = ("session_id", "turn_type", "session_done")
 """Body equivalents of Reef's session headers; removed before the body goes upstream."""
 
@@ -262,8 +265,11 @@ def session_from(headers: Mapping[str, str], body: MutableMapping[str, Any], ten
         user = body.get("user")
         seed = f"{tenant}\x00{key_hash}\x00{user if isinstance(user, str) else ''}"
         sid = "auto-" + hashlib.sha256(seed.encode()).hexdigest()[:24]
-    elif not isinstance(sid, str) or len(sid) > 256:
-        raise APIError(400, "The session id must be a string of at most 256 characters.",
+    elif not isinstance(sid, str) or len(sid) > 256 or _NOT_IN_HEADERS.search(sid):
+        # It is echoed in X-Reef-Session-Id: a control character there made uvicorn drop
+        # the connection after the turn was answered upstream (found by schemathesis).
+        raise APIError(400, "The session id must be a string of at most 256 characters, "
+                            "without control characters.",
                        code="invalid_value", param="session_id")
     return sid, turn_type, done
 
