@@ -100,7 +100,7 @@ def test_schema_describes_the_raw_chat_route(gateway: GatewayProcess) -> None:
 
 @schema.parametrize()
 @settings(deadline=None, database=None, max_examples=MAX_EXAMPLES,
-          phases=[Phase.explicit, Phase.generate],
+          derandomize=DETERMINISTIC, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=list(HealthCheck))
 def test_gateway_api(case: Any) -> None:
     key = ADMIN_KEY if case.path.startswith("/admin") else API_KEY
