@@ -6,6 +6,7 @@ document (which makes the document's description of the raw chat route checked t
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,10 +22,15 @@ from schemathesis.checks import (
     response_schema_conformance,
 )
 
+from shared.keys import FINALISED, SCORED, TURNS, Keys
 from tests.conftest import RedisServer
+from tests.fake_llm import FakeLLM
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_proc import API_KEY, GatewayProcess
+from tests.service_proc import scorer_process
+from tests.test_skill_miner import llm_server, miner_process
 
+__all__ = ["llm_server"]  # a fixture, imported for this module's tests
 ADMIN_KEY = "sk-admin-schemathesis"
 MAX_EXAMPLES = int(os.environ.get("REEF_FUZZ_EXAMPLES", "25"))
 """Per operation and generation mode; 25 keeps the module near 20 s on 2 cores. A longer
@@ -108,3 +114,44 @@ def test_gateway_api(case: Any) -> None:
     case.call_and_validate(checks=[not_a_server_error, response_schema_conformance],
                            additional_checks=[openai_error_shape],
                            timeout=10)
+
+
+def test_workers_take_every_turn_the_fuzzed_gateway_recorded(
+        gateway: GatewayProcess, redis_server: RedisServer, llm_server: FakeLLM,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """What the gateway accepted from the fuzzer (odd content parts, names, tool calls,
+    vendor fields) is recorded; the scorer must score every such turn and the skill-miner
+    take every scored one, without a handler failing on it."""
+    client, keys = redis_server.client(), Keys(gateway.namespace)
+    recorded = client.xlen(keys.stream(TURNS))
+    if recorded == 0:
+        pytest.skip("runs on the turns test_gateway_api recorded (run the module)")
+    scorer = scorer_process(redis_server.url, gateway.namespace,
+                            tmp_path_factory.mktemp("scorer"),
+                            env={"REEF_SESSION_IDLE_SECONDS": "0.3"})
+    scorer.start()
+    try:
+        deadline = time.monotonic() + 30
+        while client.xlen(keys.stream(SCORED)) < recorded:
+            dead = client.xlen(keys.dead(TURNS)) + client.xlen(keys.dead(FINALISED))
+            assert dead == 0, client.xrange(keys.dead(TURNS)) + client.xrange(
+                keys.dead(FINALISED))
+            assert time.monotonic() < deadline, (client.xlen(keys.stream(SCORED)), recorded)
+            time.sleep(0.1)
+        assert scorer.metric("reef_worker_entries_total") >= 2 * recorded
+        assert "handler_failed" not in scorer.log_path.read_text()
+    finally:
+        scorer.stop()
+    # ... and the skill-miner must take every one of them from the scored stream.
+    miner = miner_process(redis_server, gateway.namespace, tmp_path_factory.mktemp("miner"),
+                          llm_server)
+    miner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while miner.metric("reef_worker_entries_total") < recorded:
+            assert time.monotonic() < deadline, miner.metric("reef_worker_entries_total")
+            time.sleep(0.1)
+        assert client.xlen(keys.dead(SCORED)) == 0, client.xrange(keys.dead(SCORED))
+        assert "handler_failed" not in miner.log_path.read_text()
+    finally:
+        miner.stop()
