@@ -32,6 +32,8 @@ from tests.test_skill_miner import llm_server, miner_process
 
 __all__ = ["llm_server"]  # a fixture, imported for this module's tests
 ADMIN_KEY = "sk-admin-schemathesis"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+"""The schema is for the API's clients: served with an inference (or admin) key only."""
 MAX_EXAMPLES = int(os.environ.get("REEF_FUZZ_EXAMPLES", "25"))
 """Per operation and generation mode; 25 keeps the module near 20 s on 2 cores. A longer
 hunt: ``REEF_FUZZ_EXAMPLES=500 REEF_FUZZ_SEED=random pytest tests/test_schemathesis.py``."""
@@ -54,7 +56,7 @@ def gateway(redis_server: RedisServer, upstream: FakeUpstream,
 
 @pytest.fixture(scope="module")
 def api_schema(gateway: GatewayProcess) -> Any:
-    schema = schemathesis.openapi.from_url(gateway.url + "/openapi.json")
+    schema = schemathesis.openapi.from_url(gateway.url + "/openapi.json", headers=AUTH)
     schema.config.update(base_url=gateway.url)
     schema.config.generation.update(
         modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=MAX_EXAMPLES,
@@ -88,7 +90,10 @@ def assert_openai_error(status: int, body: bytes) -> None:
 
 
 def test_schema_describes_the_raw_chat_route(gateway: GatewayProcess) -> None:
-    doc = httpx.get(gateway.url + "/openapi.json", timeout=5).json()
+    assert httpx.get(gateway.url + "/openapi.json", timeout=5).status_code == 401
+    assert httpx.get(gateway.url + "/openapi.json", timeout=5,
+                     headers={"Authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200
+    doc = httpx.get(gateway.url + "/openapi.json", headers=AUTH, timeout=5).json()
     chat = doc["paths"]["/v1/chat/completions"]["post"]
     body = doc["components"]["schemas"]["ChatCompletionRequest"]
     assert set(body["required"]) == {"model", "messages"}

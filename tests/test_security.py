@@ -101,11 +101,12 @@ def gateway(redis_server: RedisServer, upstream: FakeUpstream,
     gw.stop()
 
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/admin/dashboard",
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/admin/dashboard",
                         "/admin/dashboard/static/{name}"})
-"""Routes anyone may read: health, the API's schema, and the dashboard's static page
-(it holds no data and asks for the admin key itself)."""
+"""Routes anyone may read: health, and the dashboard's static page (it holds no data and
+asks for the admin key itself)."""
 ROUTES = [("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("POST", "/v1/feedback"),
+          ("GET", "/openapi.json"),
           ("GET", "/metrics"), ("GET", "/admin/tenants"), ("GET", "/admin/tenants/alpha/skills"),
           ("POST", "/admin/tenants/alpha/skills"), ("GET", "/admin/dashboard/data")]
 
@@ -113,7 +114,8 @@ ROUTES = [("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("POST", "/v1
 def _routes(gateway: GatewayProcess) -> list[tuple[str, str]]:
     """The routes above plus every operation of the served schema (new routes included)."""
     routes = set(ROUTES)
-    schema = httpx.get(gateway.url + "/openapi.json", timeout=5)
+    schema = httpx.get(gateway.url + "/openapi.json", timeout=5,
+                       headers={"Authorization": f"Bearer {API_KEY}"})
     if schema.status_code == 200:
         for path, ops in schema.json().get("paths", {}).items():
             if path not in OPEN_PATHS:

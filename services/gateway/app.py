@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from services.gateway.adapters import AdapterRouter
-from services.gateway.admin import add_admin_routes
+from services.gateway.admin import AdminAuth, add_admin_routes
 from services.gateway.auth import Authenticator, check_metrics
 from services.gateway.chat import ChatHandler
 from services.gateway.dashboard import add_dashboard_routes
@@ -90,12 +90,12 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> ASG
             await gw.redis.aclose()
 
     app = FastAPI(title="Reef gateway", version="0.1.0", lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gw
     _add_error_handlers(app)
     _add_routes(app, gw)
     add_admin_routes(app, settings, gw.redis, gw.metrics.registry)
-    install_openapi(app, RequestLimits.of(settings))
+    install_openapi(app, RequestLimits.of(settings), _client_or_admin(gw.auth, settings))
     add_dashboard_routes(app, settings, gw.redis, gw.router)
     chat = ChatEndpoint(gw.auth, gw.chat, gw.metrics, settings.max_body_bytes,
                         settings.model_map, RequestLimits.of(settings))
@@ -146,6 +146,27 @@ def _add_routes(app: FastAPI, gw: Gateway) -> None:
     async def metrics(request: Request) -> Response:
         check_metrics(metrics_auth, request.headers)
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _client_or_admin(auth: Authenticator, settings: Settings
+                     ) -> Callable[[Mapping[str, str]], None]:
+    """A check passing an inference key or an admin key (the API's description is for
+    both), raising the inference check's 401 otherwise."""
+    admin = AdminAuth(settings)
+
+    def check(headers: Mapping[str, str]) -> None:
+        try:
+            auth(headers)
+        except APIError:
+            try:
+                admin(headers)
+            except APIError:
+                pass
+            else:
+                return
+            raise
+
+    return check
 
 
 async def _redis_ok(redis: aioredis.Redis) -> bool:

@@ -11,9 +11,11 @@ chat path.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from fastapi import FastAPI
+import orjson
+from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
@@ -51,8 +53,11 @@ RESPONSE_SCHEMAS = {(FEEDBACK_PATH, "post"): "Feedback", ("/v1/models", "get"): 
 """Answers FastAPI cannot describe (the routes build their JSON themselves)."""
 
 
-def install_openapi(app: FastAPI, limits: RequestLimits) -> None:
-    """Make ``app.openapi()`` (and so ``/openapi.json``) describe the whole gateway."""
+def install_openapi(app: FastAPI, limits: RequestLimits,
+                    allowed: Callable[[Mapping[str, str]], None]) -> None:
+    """Make ``app.openapi()`` describe the whole gateway, and serve it at ``/openapi.json``
+    to callers ``allowed`` lets through (it raises the API's 401 or 403 otherwise): the
+    document is for the API's clients, like every route but the health checks."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -62,6 +67,11 @@ def install_openapi(app: FastAPI, limits: RequestLimits) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_document(request: Request) -> Response:
+        allowed(request.headers)
+        return Response(orjson.dumps(app.openapi()), media_type="application/json")
 
 
 def complete(schema: dict[str, Any], limits: RequestLimits) -> dict[str, Any]:
