@@ -59,7 +59,7 @@ from shared.skills import Skill
 STEPS = 10
 """Trainer steps (16 conversations each). ~40-60 s per round on 2 CPU cores."""
 MAX_WORDS = 12
-EVAL_SAMPLES = 2
+EVAL_SAMPLES = 4
 """Seeded answers per held-out question (8 questions), before and after."""
 TEMPERATURE = 0.7
 MAX_TOKENS = 32
