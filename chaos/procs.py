@@ -15,12 +15,14 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
+
+# The readiness probes are the benchmark harness's (re-exported for chaos.stack).
+from bench.procs import http_ok as http_ok
+from bench.procs import tcp_open as tcp_open
 
 ROOT = Path(__file__).resolve().parent.parent
 """The repository root: services run from here (``python -m services.<name>``)."""
@@ -35,17 +37,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def http_ok(url: str) -> Callable[[], bool]:
-    """A probe: GET ``url`` answers 200."""
-    def probe() -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                return bool(response.status == 200)
-        except (OSError, urllib.error.URLError):
-            return False
-    return probe
 
 
 def redis_ok(url: str) -> Callable[[], bool]:

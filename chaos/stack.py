@@ -8,14 +8,12 @@ way a deployment starts it (``python -m services.<name>`` with ``REEF_*`` settin
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaos.procs import Proc, ProcError, free_port, http_ok, python_proc, redis_proc
+from chaos.procs import Proc, ProcError, free_port, http_ok, python_proc, redis_proc, tcp_open
 
 API_KEY = "chaos-key"
 TENANT = "chaos"
@@ -72,7 +70,7 @@ class Stack:
                                             else [])],
             {}, logs, http_ok(f"http://127.0.0.1:{upstream_port}/stats"))
         self.procs["llm"] = python_proc("llm", "chaos.llm_server", ["--port", str(llm_port)],
-                                        {}, logs, _tcp_probe(llm_port))
+                                        {}, logs, tcp_open(llm_port))
         base = self._common_env()
         self.procs["gateway"] = python_proc("gateway", "services.gateway", [], {
             **base, "REEF_GATEWAY_HOST": "127.0.0.1", "REEF_GATEWAY_PORT": str(gw_port),
@@ -164,12 +162,3 @@ class Stack:
         """The live processes' ids, by name."""
         return {name: p.pid for name, p in self.procs.items() if p.alive() and p.pid}
 
-
-def _tcp_probe(port: int) -> Callable[[], bool]:
-    def probe() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return True
-        except OSError:
-            return False
-    return probe
