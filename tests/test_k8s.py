@@ -24,7 +24,7 @@ from shared.keys import FINALISED, GROUP_JUDGE, GROUP_SCORER, TURNS, Keys
 from shared.settings import Settings
 
 K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
-REEF_DEPLOYMENTS = {"gateway", "scorer", "skill-miner", "trainer", "policy"}
+REEF_DEPLOYMENTS = {"gateway", "scorer", "skill-miner", "trainer", "policy", "jobs"}
 SECRET = "reef-secrets"
 
 
@@ -122,7 +122,7 @@ def test_metrics_ports_probes_and_services_agree() -> None:
         ports = {p["name"] for c in containers(selected[0]) for p in c["ports"]}
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in ports, service["metadata"]["name"]
-    for name in ("scorer", "skill-miner", "trainer"):
+    for name in ("scorer", "skill-miner", "trainer", "jobs"):
         [container] = containers(deployments[name])
         env = {e["name"]: e.get("value") for e in container["env"]}
         port = int(env["REEF_METRICS_PORT"])
