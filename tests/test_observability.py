@@ -4,7 +4,7 @@
 of the fake upstream), a scorer (with the fake judge), a skill-miner (with the fake LLM) and
 a trainer (local backend, the embedded SmolLM2) run as processes on free ports; traffic
 goes through the gateway with the official ``openai`` client; a real ``prometheus``
-(Debian's package, ``make install-system``) scrapes them every second with the scrape
+(Debian's package, ``make install-test-system``) scrapes them every second with the scrape
 jobs of deploy/prometheus/prometheus.yml (its DNS discovery swapped for the local ports)
 and evaluates deploy/prometheus/alerts.yml. Every target must be up, every rule must
 evaluate, and every query of every panel of every dashboard must return data.
@@ -63,7 +63,7 @@ SKILL = {"name": "check-file-paths", "category": "coding",
 def need(exe: str) -> str:
     path = shutil.which(exe)
     if path is None:
-        pytest.fail(f"{exe} is not installed (make install-system installs Debian's prometheus)")
+        pytest.fail(f"{exe} is not installed (make install-test-system installs Debian's prometheus)")
     return path
 
 
