@@ -116,10 +116,6 @@ class MetricsAuth:
         key = settings.metrics_key.get_secret_value() if settings.metrics_key else ""
         self._digest = hash_api_key(key) if key else None
 
-    @property
-    def required(self) -> bool:
-        return self._digest is not None
-
     def allows(self, authorization: str | None) -> bool:
         """Whether a request with this ``Authorization`` header may read metrics."""
         if self._digest is None:
@@ -140,9 +136,12 @@ def require_metrics_key(settings: Settings, service: str) -> None:
 
 _WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 _HEALTHY = b'{"status":"ok"}'
+METRICS_KEY_REFUSED = ("Missing or incorrect metrics key: send 'Authorization: Bearer "
+                       "<metrics_key>'.")
+"""The message of every service's 401 on ``/metrics`` (OpenAI's shape, ``invalid_api_key``)."""
 _UNAUTHORIZED = json.dumps({"error": {
-    "message": "Missing or incorrect metrics key: send 'Authorization: Bearer <metrics_key>'.",
-    "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}).encode()
+    "message": METRICS_KEY_REFUSED, "type": "invalid_request_error", "param": None,
+    "code": "invalid_api_key"}}).encode()
 
 
 def _guarded(app: _WSGIApp, auth: MetricsAuth) -> _WSGIApp:
@@ -182,12 +181,11 @@ def serve_metrics(
 
     Returns the server and its thread (``server.shutdown()`` stops it), or None when the
     port is 0. ``addr`` defaults to every interface because Prometheus scrapes workers
-    from another container; metrics carry no content and no ids. Outside the dev profile
-    a missing ``metrics_key`` is a ``ConfigError``.
+    from another container; metrics carry no content and no ids. (Outside the dev profile
+    ``Settings`` refuses a ``metrics_port`` without a ``metrics_key``.)
     """
     if settings.metrics_port <= 0:
         return None
-    require_metrics_key(settings, "this worker (metrics_port is set)")
     app = _guarded(make_wsgi_app(REGISTRY if registry is None else registry),
                    MetricsAuth(settings))
     server = make_server(addr, settings.metrics_port, app, _ThreadingServer,

@@ -183,6 +183,7 @@ class Settings(BaseSettings):
     policy_device: str = "cpu"
     policy_max_new_tokens: int = 256
     policy_threads: int = 0
+    """torch threads for generation; 0 lets torch decide."""
     policy_backend: Literal["local", "tinker"] = "local"
     """``local``: the model named by ``model_name`` on this machine. ``tinker``: sample
     from Tinker sampling clients (the base model, and the adapters the trainer publishes
@@ -194,7 +195,6 @@ class Settings(BaseSettings):
     """Most tokens of prompt plus answer when sampling on Tinker (0: no check here)."""
     tinker_timeout_seconds: float = 300.0
     """Longest wait for any one Tinker call's result in the policy server."""
-    """torch threads for generation; 0 lets torch decide."""
 
     # --- scorer -------------------------------------------------------------------------
     use_prm: bool = False

@@ -72,7 +72,13 @@ class Hit:
 
 def skill_text(skill: Skill) -> str:
     """What retrieval matches a request against: the name in words, then the description."""
-    return f"{skill.name.replace('-', ' ')}: {skill.description}"
+    return named_text(skill.name, skill.description)
+
+
+def named_text(name: str, description: str) -> str:
+    """A skill's (or a proposal's) name in words, then its description: the text retrieval
+    and the miner's dedupe both compare."""
+    return f"{name.replace('-', ' ')}: {description}"
 
 
 def query_text(messages: Sequence[Any]) -> str:

@@ -75,6 +75,16 @@ REASON_MAX_CHARS = 1000
 """Dead-letter reasons are cut to this length (an exception text may be long)."""
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+# A message appended to a stream at most once: the marker keyed by its id (KEYS[1], kept
+# ARGV[1] seconds) and the XADD (to KEYS[2], capped at ARGV[2], fields kind=ARGV[3],
+# data=ARGV[4]) are one atomic step. The scorer publishes each scored turn with it, and a
+# replay appends exported turns with it, so a turn is in a ``scored`` stream once.
+APPEND_ONCE_LUA = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'kind', ARGV[3], 'data', ARGV[4])
+return 1
+"""
+
 # MULTI/EXEC cannot make the XADD depend on the XACK; this script does, so two workers
 # holding the same (reclaimed) entry never write two dead letters for it.
 DEAD_LETTER_LUA = """

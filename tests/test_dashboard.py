@@ -185,12 +185,12 @@ def test_the_data_route_reads_real_data(populated: GatewayProcess) -> None:
     assert queues["turns"]["length"] == 3 and queues["turns"]["dead_letters"] == 1
     assert queues["scored"]["length"] == 3
     assert queues["scored"]["groups"] == [{"name": "trainer", "consumers": 1, "pending": 1,
-                                           "lag": 2, "last_delivered_id": newest_id(body)}]
+                                           "lag": 2, "last_delivered_id": oldest_id(body)}]
     assert "alpha" in body["tenants"]
     assert data(populated, tenant="beta")["reward"]["count"] == 0
 
 
-def newest_id(body: dict[str, Any]) -> str:
+def oldest_id(body: dict[str, Any]) -> str:
     """The id of the oldest scored entry (the one the group read)."""
     return str(body["turns"][-1]["entry_id"])
 

@@ -63,7 +63,8 @@ SKILL = {"name": "check-file-paths", "category": "coding",
 def need(exe: str) -> str:
     path = shutil.which(exe)
     if path is None:
-        pytest.fail(f"{exe} is not installed (make install-test-system installs Debian's prometheus)")
+        pytest.fail(f"{exe} is not installed "
+                    "(make install-test-system installs Debian's prometheus)")
     return path
 
 

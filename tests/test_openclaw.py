@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from services.stack import openclaw
-from services.stack.__main__ import STATE_FILE
-from services.stack.launch import StackInfo
+from services.stack.launch import STATE_FILE, StackInfo
 from services.stack.openclaw import OpenClawConfigError, parse_json5
 from shared.settings import Settings
 
@@ -192,7 +191,6 @@ def test_bad_arguments_and_a_read_only_config_are_refused(
 
 
 def test_defaults_come_from_a_running_dev_stack(tmp_path: Path, config: Path) -> None:
-    assert openclaw.DEV_STATE_FILE == STATE_FILE
     info = StackInfo(gateway_url="http://127.0.0.1:8999", api_key="sk-dev-stack-key-42",
                      redis_url="redis://127.0.0.1:6379/0", model="dev-model",
                      namespace="reef", policy_url="http://127.0.0.1:8001")

@@ -26,7 +26,7 @@ import pytest
 import redis
 
 from shared.keys import TURNS, WEIGHTS, Keys
-from shared.messages import ScoredV1, TurnV1, WeightsEventV1, decode
+from shared.messages import TurnV1, WeightsEventV1, decode
 from tests.conftest import RedisServer
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_proc import API_KEY, OTHER_KEY, GatewayProcess
@@ -133,7 +133,6 @@ def test_two_tenants_cannot_cross(stack: tuple[GatewayProcess, ServiceProcess],
     assert "explicit" not in alpha_scored.components  # beta's "up" did not reach it
     assert alpha_scored.reward is not None and alpha_scored.reward < 0
     assert beta_scored.reward is not None and beta_scored.reward > 0
-    assert all(isinstance(s, ScoredV1) for s in found)
 
 
 def test_a_shared_adapter_serves_every_tenant_and_a_tenants_own_wins(

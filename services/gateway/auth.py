@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from services.gateway.errors import APIError
 from services.gateway.ratelimit import RateLimiter
-from shared.metrics import MetricsAuth
+from shared.metrics import METRICS_KEY_REFUSED, MetricsAuth
 from shared.settings import Settings, hash_api_key
 
 DEV_TENANT = "dev"
@@ -68,6 +68,5 @@ class Authenticator:
 def check_metrics(auth: MetricsAuth, headers: Mapping[str, str]) -> None:
     """A 401 unless the request carries the metrics key (or none is configured)."""
     if not auth.allows(headers.get("authorization")):
-        raise APIError(401, "Missing or incorrect metrics key: send 'Authorization: "
-                            "Bearer <metrics_key>'.", code="invalid_api_key",
+        raise APIError(401, METRICS_KEY_REFUSED, code="invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})

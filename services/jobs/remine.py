@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from services.skill_miner.__main__ import dedupe_similarity
 from services.skill_miner.lease import Lease
 from services.skill_miner.metrics import MinerMetrics
-from services.skill_miner.service import SkillMiner
+from services.skill_miner.service import SkillMiner, should_mine
 from shared.keys import GROUP_SKILL_MINER, SCORED, Keys
 from shared.messages import BadMessage, ScoredV1, decode
 from shared.redis_client import connect
@@ -77,13 +77,6 @@ async def session_turns(redis: aioredis.Redis, keys: Keys, tenant: str,
         start = "(" + chunk[-1][0].decode()
 
 
-def is_failing(settings: Settings, scored: ScoredV1) -> bool:
-    """Whether the miner mines this turn (the same rule as ``SkillMiner.on_scored``)."""
-    return (scored.reward is not None and scored.reward < settings.skill_update_threshold
-            and scored.turn.turn_type == "main" and scored.turn.turn_index >= 0
-            and settings.max_new_skills > 0)
-
-
 async def remine(settings: Settings, tenant: str, session_id: str) -> dict[str, Any]:
     """Mine the session's failing turns again; returns what happened (JSON-able)."""
     client = connect(settings)
@@ -91,7 +84,7 @@ async def remine(settings: Settings, tenant: str, session_id: str) -> dict[str, 
     metrics = MinerMetrics.create()
     try:
         turns = await session_turns(client, keys, tenant, session_id)
-        failing = [s for s in turns if is_failing(settings, s)]
+        failing = [s for s in turns if should_mine(settings, s)]
         if failing:
             await _mine(settings, client, metrics, failing, turns)
         turn_ids = {s.turn.id for s in turns}

@@ -25,6 +25,7 @@ from services.jobs.remine import remine
 from shared.keys import SCORED, Keys
 from shared.messages import BadMessage, ScoredV1, decode
 from shared.settings import Settings
+from shared.worker import APPEND_ONCE_LUA
 
 log = logging.getLogger("reef.jobs")
 
@@ -33,14 +34,6 @@ XRANGE_BATCH = 500
 REPLAY_BATCH = 500
 """Turns appended per pipeline when replaying."""
 
-# The scorer's own guard (services/scorer/service.py): the marker keyed by the turn id and
-# the append are one atomic step, so a turn is in a namespace's ``scored`` stream once,
-# whether the scorer or a replay put it there, however often a file is replayed.
-_APPEND_ONCE_LUA = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then return 0 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'kind', ARGV[3], 'data', ARGV[4])
-return 1
-"""
 
 
 class ReplayFileError(ValueError):
@@ -123,7 +116,8 @@ def replay_dataset(jsonl_path: str, namespace: str, tenant: str | None = None
                    ) -> dict[str, Any]:
     """Append the scored turns of an exported file (``scored.jsonl`` or the ``hf/`` data
     file) to ``namespace``'s ``scored`` stream, only ``tenant``'s when given. A turn
-    already there (by its turn id, see ``_APPEND_ONCE_LUA``) is not appended again."""
+    already there (by its turn id: ``shared.worker.APPEND_ONCE_LUA``, the scorer's own
+    guard) is not appended again."""
     settings = job_settings(namespace)
     path = Path(jsonl_path)
     read = sum(1 for _ in _replayed(path, tenant))  # every line valid before any append
@@ -131,7 +125,7 @@ def replay_dataset(jsonl_path: str, namespace: str, tenant: str | None = None
     client = sync_redis(settings)
     appended = 0
     try:
-        append_once = client.register_script(_APPEND_ONCE_LUA)
+        append_once = client.register_script(APPEND_ONCE_LUA)
         batch: list[ScoredV1] = []
         for message in _replayed(path, tenant):
             batch.append(message)

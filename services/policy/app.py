@@ -46,7 +46,7 @@ from services.policy.schemas import (
 )
 from services.policy.score import CompletionRequest, score
 from services.policy.text import TokenTexts
-from shared.metrics import MetricsAuth, require_metrics_key
+from shared.metrics import METRICS_KEY_REFUSED, MetricsAuth, require_metrics_key
 from shared.settings import Settings, hash_api_key
 
 log = logging.getLogger(__name__)
@@ -241,8 +241,7 @@ def _add_routes(app: FastAPI, state: PolicyState) -> None:
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         if not metrics_auth.allows(request.headers.get("authorization")):
-            return _error(401, "Missing or incorrect metrics key: send 'Authorization: "
-                          "Bearer <metrics_key>'.", "invalid_request_error",
+            return _error(401, METRICS_KEY_REFUSED, "invalid_request_error",
                           code="invalid_api_key")
         state.metrics.adapters_loaded.set(len(state.adapters or ()))
         return Response(generate_latest(state.metrics.registry),

@@ -224,10 +224,15 @@ class Engine:
         return logits
 
     def max_new_tokens_for(self, prompt_length: int, requested: int) -> int:
-        """``requested`` capped so that prompt and answer fit the model's context."""
-        if self.context_length <= 0:
-            return requested
-        return min(requested, self.context_length - prompt_length)
+        return fit_context(self.context_length, prompt_length, requested)
+
+
+def fit_context(context_length: int, prompt_length: int, requested: int) -> int:
+    """``requested`` new tokens capped so that prompt and answer fit ``context_length``
+    (0: unknown, no cap)."""
+    if context_length <= 0:
+        return requested
+    return min(requested, context_length - prompt_length)
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

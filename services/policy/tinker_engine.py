@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.policy.engine import Delta, SampledToken, SamplingParams
+from services.policy.engine import Delta, SampledToken, SamplingParams, fit_context
 from services.policy.lora import Adapter, AdapterError, Adapters
 from shared.settings import Settings
 
@@ -86,9 +86,7 @@ class TinkerEngine:
         return None
 
     def max_new_tokens_for(self, prompt_length: int, requested: int) -> int:
-        if self.context_length <= 0:
-            return requested
-        return min(requested, self.context_length - prompt_length)
+        return fit_context(self.context_length, prompt_length, requested)
 
     def _client(self, adapter: Adapter | None) -> Any:
         return adapter.client if isinstance(adapter, TinkerAdapter) else self.base

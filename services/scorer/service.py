@@ -31,19 +31,13 @@ from services.scorer.sessions import Sessions
 from shared.keys import SCORED, Keys
 from shared.messages import FinalisedV1, Message, ScoredV1, TurnV1
 from shared.settings import Settings
-from shared.worker import Reject
+from shared.worker import APPEND_ONCE_LUA, Reject
 
 log = logging.getLogger("reef.scorer")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 """Turn ids go into JSON built in Lua; anything else is rejected (dead-lettered)."""
 
-# Exactly one scored entry per turn: the marker and the append are one atomic step.
-_PUBLISH_ONCE_LUA = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then return 0 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'kind', 'scored.v1', 'data', ARGV[3])
-return 1
-"""
 
 
 class Scorer:
@@ -60,7 +54,7 @@ class Scorer:
         ttl = int(max(settings.session_idle_seconds * 4, 3600))
         self.sessions = Sessions(redis, self.keys, settings.stream_maxlen,
                                  settings.session_idle_seconds, ttl)
-        self._publish_once = redis.register_script(_PUBLISH_ONCE_LUA)
+        self._publish_once = redis.register_script(APPEND_ONCE_LUA)  # one scored entry per turn
 
     async def start(self) -> None:
         if self.judge is not None:
@@ -120,7 +114,8 @@ class Scorer:
                 await self._publish_once(
                     keys=[self.keys.dedupe("scored", fin.turn.id), self.keys.stream(SCORED)],
                     args=[self.settings.dedupe_ttl_seconds, self.settings.stream_maxlen,
-                          orjson.dumps(result[0].model_dump(mode="json"))], client=pipe)
+                          "scored.v1", orjson.dumps(result[0].model_dump(mode="json"))],
+                    client=pipe)
             published = iter(await pipe.execute(raise_on_error=False) if fins else [])
         for fin, result in zip(fins, scored, strict=True):
             if isinstance(result, Exception):

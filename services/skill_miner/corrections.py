@@ -94,6 +94,8 @@ def proposal_for(instruction: str) -> SkillProposal:
 class CorrectionsProposer:
     """Proposes one preference skill per instruction in the failing turn's follow-up."""
 
+    needs_context = False
+
     async def start(self) -> None:
         return None
 

@@ -56,6 +56,8 @@ def miner_endpoint(settings: Settings) -> Endpoint:
 class ProposalLLM:
     """Asks the miner LLM for proposals; one per process (its client bounds concurrency)."""
 
+    needs_context = True
+
     def __init__(self, settings: Settings, metrics: MinerMetrics) -> None:
         self._metrics = metrics
         self._client = LLMClient(
@@ -121,6 +123,10 @@ class ProposalLLM:
 class Proposer(Protocol):
     """What the miner asks for proposals: the LLM (:class:`ProposalLLM`), or the offline
     ``services.skill_miner.corrections.CorrectionsProposer``."""
+
+    needs_context: bool
+    """Whether proposals need the session's earlier turns and the related skills (the
+    miner skips reading them for a proposer that looks at the failing turn only)."""
 
     async def start(self) -> None: ...
 

@@ -52,6 +52,14 @@ ACTIVE_CACHE_SECONDS = 5.0
 a skill activated meanwhile starts collecting ``without`` credit a few seconds late."""
 
 
+def should_mine(settings: Settings, scored: ScoredV1) -> bool:
+    """Whether a scored turn is mined for skills: a main turn whose reward is below
+    ``skill_update_threshold``, when mining may propose anything."""
+    return (scored.reward is not None and scored.reward < settings.skill_update_threshold
+            and scored.turn.turn_type == "main" and scored.turn.turn_index >= 0
+            and settings.max_new_skills > 0)
+
+
 class SkillMiner:
     """The ``scored`` handler and what it needs; one per miner process."""
 
@@ -95,8 +103,7 @@ class SkillMiner:
             await self.credit(message, reward)
         elif message.trainable and message.turn.turn_type == "main":
             await self.count_baseline(message, reward)
-        if (reward < self.settings.skill_update_threshold and message.turn.turn_type == "main"
-                and self.settings.max_new_skills > 0):
+        if should_mine(self.settings, message):
             await self.mine(message, entry_id)
 
     # --- credit ------------------------------------------------------------------------
@@ -200,6 +207,8 @@ class SkillMiner:
         """The LLM's validated answer for a failing turn (None: invalid twice)."""
         turn = scored.turn
         failing = record_of(scored, self.trajectories.redactor)
+        if not self.llm.needs_context:  # it reads the failing turn only
+            return await self.llm.propose([failing], failing, [], self.settings.max_new_skills)
         turns = await self.trajectories.up_to(turn.tenant, turn.session_id, turn.turn_index)
         if not any(r.turn_id == failing.turn_id for r in turns):
             turns.append(failing)  # trimmed already (a very late redelivery)

@@ -20,7 +20,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from shared.skills import Skill
+from shared.skill_index import named_text
+from shared.skill_index import skill_text as shared_skill_text
 
 Similarity = Callable[[str, Sequence[str]], Sequence[float]]
 """``similarity(text, others) -> one score in [0, 1] per other text``."""
@@ -32,13 +33,10 @@ _STOP = frozenset(("a", "an", "the", "of", "to", "for", "in", "on", "at", "and",
                    "by", "from"))
 
 
-def skill_text(name: str, description: str) -> str:
-    """What deduplication compares: the name's words and the description."""
-    return f"{name.replace('-', ' ')}: {description}"
-
-
-def text_of(skill: Skill) -> str:
-    return skill_text(skill.name, skill.description)
+skill_text = named_text
+"""What deduplication compares: the name's words and the description (what retrieval
+compares too)."""
+text_of = shared_skill_text
 
 
 class Encoder(Protocol):

@@ -20,7 +20,7 @@ from typing import Any, cast
 import openai
 
 from services.stack import demo, rollback, skills_cli
-from services.stack.launch import StackInfo, start_stack
+from services.stack.launch import STATE_FILE, StackInfo, start_stack
 from services.stack.openclaw import main as openclaw_main
 from services.stack.procs import Stack, StackError
 from shared.keys import TURNS, Keys
@@ -32,8 +32,6 @@ CONVERSATIONS = [
     ["Give me one tip for writing clear emails.", "Thanks, that helps!"],
     ["Name a primary colour."],
 ]
-STATE_FILE = "stack.json"
-"""Where ``dev`` writes the gateway URL and key, for ``chat``."""
 
 
 def converse(info: StackInfo, run_id: str) -> list[str]:

@@ -34,11 +34,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import cast
 
-import httpx
 import redis
 import redis.asyncio as aioredis
 
-from services.stack.drive import LoopDriver, LoopStalled, TrainingLog
+from services.stack.drive import LoopDriver, LoopStalled, TrainingLog, metric_sum
 from services.stack.launch import StackInfo, share_models, start_stack
 from services.stack.procs import Stack, StackError
 from services.stack.report import HEADER, RoundRow, format_row, plot, round_row
@@ -74,13 +73,6 @@ def injected_share(client: redis.Redis, namespace: str, prefix: str) -> float:
     firsts = [t for t in (decode(f) for _, f in entries) if isinstance(t, TurnV1)
               and t.session_id.startswith(prefix) and t.turn_index == 0]
     return statistics.fmean(1.0 if t.skill_ids else 0.0 for t in firsts) if firsts else 0.0
-
-
-def gateway_metric(info: StackInfo, name: str) -> float:
-    """A gateway metric's value (summed over labels); 0 when absent."""
-    text = httpx.get(info.gateway_url + "/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith((name + " ", name + "{")))
 
 
 async def tenant_skills(info: StackInfo) -> list[Skill]:
@@ -147,7 +139,8 @@ class Demo:
         log = await self.train()
         after = await self.evaluate("after")
         skills = await tenant_skills(self.info)
-        swaps = gateway_metric(self.info, "reef_gateway_adapter_swaps_total")
+        swaps = metric_sum(self.info.gateway_url + "/metrics", "reef_gateway_adapter_swaps_total",
+                           ["ok"])
         self.report(before, after, log, skills, swaps)
         return 0 if after.mean_reward > before.mean_reward else 1
 

@@ -85,15 +85,7 @@ class LoopDriver:
 
     def trainer_metric(self, name: str, labels: Sequence[str] = ()) -> float:
         """Sum of a trainer metric's samples (those with one of ``labels``, if given)."""
-        text = httpx.get(self.info.trainer_metrics_url, timeout=5).text
-        total = 0.0
-        for line in text.splitlines():
-            if not (line.startswith(name + " ") or line.startswith(name + "{")):
-                continue
-            if labels and not any(f'"{label}"' in line for label in labels):
-                continue
-            total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric_sum(self.info.trainer_metrics_url, name, labels)
 
     def steps(self) -> int:
         """Steps the trainer has committed (published or refused by its gate)."""
@@ -181,6 +173,19 @@ class LoopDriver:
         now = time.monotonic() - started
         for event in self.weights_events()[base + len(log.steps):]:
             log.steps.append(StepRecord(event.version, event.adapter, dict(event.metrics), now))
+
+
+def metric_sum(url: str, name: str, labels: Sequence[str] = ()) -> float:
+    """Sum of the samples of metric ``name`` on the ``/metrics`` page at ``url`` (those with
+    one of ``labels`` as a label value, if given); 0 when absent."""
+    total = 0.0
+    for line in httpx.get(url, timeout=5).text.splitlines():
+        if not line.startswith((name + " ", name + "{")):
+            continue
+        if labels and not any(f'"{label}"' in line for label in labels):
+            continue
+        total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def _version_of(served: str, adapter: str) -> int:

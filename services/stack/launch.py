@@ -57,6 +57,11 @@ READY_TIMEOUT_SECONDS = 600.0
 """How long the policy server may take to come up (the first run converts the model)."""
 
 
+STATE_FILE = "stack.json"
+"""Where ``reef dev`` writes the running stack's ``StackInfo`` (in the data dir), for
+``reef chat`` and ``reef openclaw``."""
+
+
 @dataclass(frozen=True)
 class StackInfo:
     """How to reach a running local stack (``dev`` writes it to a file for ``chat``)."""

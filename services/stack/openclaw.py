@@ -34,15 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.stack.launch import StackInfo
+from services.stack.launch import STATE_FILE, StackInfo
 from shared.settings import Settings
 
 PROVIDER = "reef"
 """The provider id written under ``models.providers``."""
 API = "openai-completions"
 """OpenClaw's name for an OpenAI chat-completions endpoint."""
-DEV_STATE_FILE = "stack.json"
-"""What ``reef dev`` writes into the data dir (``services.stack.__main__.STATE_FILE``)."""
 INCLUDE = "$include"
 """OpenClaw's key for an object read from another file; this command edits one file only."""
 READONLY_ENV = ("OPENCLAW_CONFIG_READONLY", "OPENCLAW_NIX_MODE")
@@ -297,7 +295,7 @@ def apply(path: Path, target: ReefTarget, set_default: bool = True) -> Outcome:
 
 def _defaults(settings: Settings) -> dict[str, str]:
     """Base URL, key and model of a ``reef dev`` stack, else from the settings."""
-    state = Path(settings.data_dir) / DEV_STATE_FILE
+    state = Path(settings.data_dir) / STATE_FILE
     if state.is_file():
         info = StackInfo.from_file(state)
         return {"base_url": info.gateway_url + "/v1", "api_key": info.api_key,
