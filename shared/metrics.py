@@ -136,6 +136,32 @@ def require_metrics_key(settings: Settings, service: str) -> None:
 
 _WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 _HEALTHY = b'{"status":"ok"}'
+
+
+class Health:
+    """Whether a service is healthy, for ``/healthz``: it turns unhealthy for good once a
+    task of the service failed (the process is on its way out, non-zero)."""
+
+    def __init__(self) -> None:
+        self._failure: str | None = None
+
+    def fail(self, reason: str) -> None:
+        """Mark the service failed (the first reason is kept)."""
+        if self._failure is None:
+            self._failure = reason
+
+    @property
+    def failure(self) -> str | None:
+        """Why the service failed, or None while it is healthy."""
+        return self._failure
+
+    def body(self) -> tuple[str, bytes]:
+        """The status line and JSON body ``/healthz`` answers."""
+        if self._failure is None:
+            return "200 OK", _HEALTHY
+        return "503 Service Unavailable", json.dumps(
+            {"status": "failed", "reason": self._failure[:200]}).encode()
+
 METRICS_KEY_REFUSED = ("Missing or incorrect metrics key: send 'Authorization: Bearer "
                        "<metrics_key>'.")
 """The message of every service's 401 on ``/metrics`` (OpenAI's shape, ``invalid_api_key``)."""
@@ -144,15 +170,16 @@ _UNAUTHORIZED = json.dumps({"error": {
     "code": "invalid_api_key"}}).encode()
 
 
-def _guarded(app: _WSGIApp, auth: MetricsAuth) -> _WSGIApp:
+def _guarded(app: _WSGIApp, auth: MetricsAuth, health: Health) -> _WSGIApp:
     """``app`` behind the metrics key: a 401 in OpenAI's error shape without it.
-    ``/healthz`` stays open (a liveness probe needs no key)."""
+    ``/healthz`` stays open (a probe needs no key); it is a 503 once ``health`` failed."""
 
     def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO") == "/healthz":
-            start_response("200 OK", [("Content-Type", "application/json"),
-                                      ("Content-Length", str(len(_HEALTHY)))])
-            return [_HEALTHY]
+            status, body = health.body()
+            start_response(status, [("Content-Type", "application/json"),
+                                    ("Content-Length", str(len(body)))])
+            return [body]
         if auth.allows(environ.get("HTTP_AUTHORIZATION")):
             return app(environ, start_response)
         start_response("401 Unauthorized", [("Content-Type", "application/json"),
@@ -173,11 +200,12 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def serve_metrics(
-    settings: Settings, registry: CollectorRegistry | None = None, addr: str = "0.0.0.0"
+    settings: Settings, registry: CollectorRegistry | None = None, addr: str = "0.0.0.0",
+    health: Health | None = None,
 ) -> tuple[WSGIServer, Thread] | None:
     """Serve ``/metrics`` on ``settings.metrics_port`` in a background thread, behind
     ``metrics_key`` (``Authorization: Bearer <metrics_key>``, else a 401); ``/healthz``
-    answers 200 to anyone.
+    answers anyone: 200, or a 503 once ``health`` failed.
 
     Returns the server and its thread (``server.shutdown()`` stops it), or None when the
     port is 0. ``addr`` defaults to every interface because Prometheus scrapes workers
@@ -187,7 +215,7 @@ def serve_metrics(
     if settings.metrics_port <= 0:
         return None
     app = _guarded(make_wsgi_app(REGISTRY if registry is None else registry),
-                   MetricsAuth(settings))
+                   MetricsAuth(settings), health or Health())
     server = make_server(addr, settings.metrics_port, app, _ThreadingServer,
                          handler_class=_QuietHandler)
     thread = Thread(target=server.serve_forever, name="metrics", daemon=True)

@@ -305,8 +305,19 @@ class Settings(BaseSettings):
     """Clip range of the ratio for ``ppo`` and ``cispo``."""
     max_staleness: int = 2
     """Samples produced by a policy more than this many versions old are dropped."""
-    checkpoint_every: int = 1
-    """Save trainer state (weights and optimizer) every this many steps."""
+    checkpoint_keep_published: int = 5
+    """Gate-passed versions whose checkpoints are kept (besides the live one and every
+    version rolled back to): the versions ``reef rollback`` can go back to. Refused
+    candidates and older versions are deleted (local files and Tinker checkpoints)."""
+    tinker_checkpoint_ttl_seconds: int = Field(7 * 24 * 3600, ge=3600)
+    """Tinker: expiry of every saved checkpoint (3600 at least), so a crashed trainer
+    leaves nothing behind for ever; the live version's expiry is lifted while it is kept."""
+    trainer_max_batch_failures: int = Field(3, ge=1)
+    """Attempts at one batch that fail with an error that is not transient (a poisonous
+    datum), or die with the process, before the batch is quarantined and training moves
+    on. Transient errors (network, Tinker server, teacher) are retried without limit."""
+    trainer_retry_backoff_seconds: float = 1.0
+    """First pause after a failed step; doubled on each failure, at most 60 s."""
     trainer_device: str = "cpu"
     gate_enabled: bool = True
     """Evaluate each new adapter on held-out turns before it goes live (see the trainer's

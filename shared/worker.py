@@ -49,6 +49,7 @@ from shared.metrics import (
     OUTCOME_DUPLICATE,
     OUTCOME_FAILED,
     OUTCOME_PROCESSED,
+    Health,
     serve_metrics,
     worker_metrics,
 )
@@ -548,6 +549,11 @@ async def run_worker(
                       registry=registry)
 
 
+class ServiceFailed(RuntimeError):
+    """A task of a service (a stream worker or a background task) raised: the service
+    stopped its other tasks and exits non-zero, so compose or k8s restarts it."""
+
+
 async def run_workers(
     settings: Settings,
     consumers: Sequence[Consumer],
@@ -556,25 +562,38 @@ async def run_workers(
     registry: CollectorRegistry | None = None,
     client: Redis | None = None,
     background: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = (),
+    health: Health | None = None,
 ) -> None:
     """A consumer service's main loop: connect, serve ``/metrics`` (if
     ``settings.metrics_port``), consume every stream until SIGTERM/SIGINT. The first signal
     stops reading and finishes the batches in hand; a second one cancels the handlers (their
     entries stay pending and are reclaimed) while acks already started still complete.
 
-    ``background`` tasks (e.g. a periodic sweep) get an event set at the first signal and
-    must return soon after it."""
+    ``background`` tasks (e.g. a periodic sweep, the trainer's step loop) get an event set
+    at the first signal and must return soon after it; one may also return earlier.
+
+    Supervision: when any task raises, the failure is logged with its traceback,
+    ``health`` (``/healthz``) turns 503, every other task is stopped as on a signal, and
+    ``ServiceFailed`` is raised, so the process exits non-zero instead of serving on with a
+    dead part."""
     own_client = client is None
     redis = client if client is not None else connect(settings)
     keys = Keys(settings.namespace)
+    health = health or Health()
     workers = [StreamWorker(redis, keys, c.stream, c.group, consumer, c.handler, settings,
                             registry, dedupe=c.dedupe, batch_handler=c.batch_handler)
                for c in consumers]
     stopping = asyncio.Event()
-    server = serve_metrics(settings, registry)
-    tasks = [asyncio.create_task(w.run()) for w in workers]
-    tasks += [asyncio.create_task(job(stopping)) for job in background]
+    server = serve_metrics(settings, registry, health=health)
+    tasks = [asyncio.create_task(w.run(), name=f"worker:{w.stream}:{w.group}") for w in workers]
+    tasks += [asyncio.create_task(job(stopping), name=f"background:{job.__qualname__}")
+              for job in background]
     forced = False
+
+    def stop_all() -> None:
+        stopping.set()
+        for worker in workers:
+            worker.stop()
 
     def on_signal() -> None:
         nonlocal forced
@@ -582,22 +601,20 @@ async def run_workers(
             forced = True
             for task in tasks:
                 task.cancel()
-        stopping.set()
-        for worker in workers:
-            worker.stop()
+        stop_all()
 
     loop = asyncio.get_running_loop()
     for sig in SIGNALS:
         loop.add_signal_handler(sig, on_signal)
     try:
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not (
-                    forced and isinstance(result, asyncio.CancelledError)):
-                raise result
+        failure = await _supervise(tasks, health, stop_all, lambda: forced)
+        if failure is not None:
+            raise ServiceFailed(f"{failure[0]} failed: {failure[1]!r}") from failure[1]
         if forced:
             log.warning("worker.forced_stop", extra={"streams": [c.stream for c in consumers]})
     finally:
+        for task in tasks:
+            task.cancel()
         for sig in SIGNALS:
             loop.remove_signal_handler(sig)
         if server is not None:
@@ -605,3 +622,31 @@ async def run_workers(
             server[0].server_close()
         if own_client:
             await redis.aclose()
+
+
+async def _supervise(tasks: list[asyncio.Task[None]], health: Health,
+                     stop_all: Callable[[], None], forced: Callable[[], bool]
+                     ) -> tuple[str, BaseException] | None:
+    """Wait for every task; on the first one that raised (or was cancelled other than by a
+    forced stop), log it, mark ``health`` failed and stop the rest. Returns the first
+    failure (the task's name and its exception), or None."""
+    failure: tuple[str, BaseException] | None = None
+    pending: set[asyncio.Task[None]] = set(tasks)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task.cancelled():
+                if forced():
+                    continue
+                error: BaseException = asyncio.CancelledError(f"{task.get_name()} cancelled")
+            elif task.exception() is None:
+                continue
+            else:
+                error = cast(BaseException, task.exception())
+            if failure is None:
+                failure = (task.get_name(), error)
+                log.error("worker.task_failed", exc_info=error,
+                          extra={"task": task.get_name(), "error": type(error).__name__})
+                health.fail(f"{task.get_name()}: {type(error).__name__}")
+                stop_all()
+    return failure

@@ -18,8 +18,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from services.trainer.backend import Datum
-from services.trainer.local import LocalBackend, list_checkpoints, micro_batches
+from services.trainer.backend import Checkpoint, Datum
+from services.trainer.local import CheckpointError, LocalBackend, micro_batches
 from services.trainer.losses import UnknownLossError
 from shared.settings import Settings
 
@@ -345,18 +345,48 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(
                                    rtol=0, atol=0)
 
 
-def test_retention_keeps_the_last_k_and_protected(base_dir: Path, tmp_path: Path) -> None:
-    b = backend(base_dir, tmp_path / "state", keep_last=2, keep=["pinned"])
-    b.save("pinned")
-    for step in range(1, 5):
-        train_steps(b, 1)
-        b.save(f"step-{step}")
-    b.protect("step-3")
+def lora_state(b: LocalBackend) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in b.model.named_parameters() if p.requires_grad}
+
+
+def test_restore_goes_back_to_a_checkpoint_and_drops_pending_gradients(
+        base_dir: Path, tmp_path: Path) -> None:
+    """After a refused candidate or a failed step the trainer restores the live state: the
+    weights, AdamW state and step are the checkpoint's, and a half step (gradients
+    accumulated, no optimizer step) leaves nothing behind."""
+    b = backend(base_dir, tmp_path / "state")
+    train_steps(b, 2)
+    live = b.save("live")
+    kept = lora_state(b)
+    train_steps(b, 2)  # a candidate ...
+    b.forward_backward([datum([1.0] * 5, [-1.0] * 5)], "ppo")  # ... and a half step
+    b.restore(live)
+    assert b.step == 2
+    for name, value in lora_state(b).items():
+        torch.testing.assert_close(value, kept[name], rtol=0, atol=0)
+    assert all(p.grad is None for p in b.model.parameters())
+    twin = backend(base_dir, tmp_path / "twin")  # the same two steps from the same state
+    train_steps(twin, 2)
     train_steps(b, 1)
-    b.save("step-5")
-    names = [Path(c.state_path).name for c in list_checkpoints(tmp_path / "state")]
-    assert names == ["pinned", "step-3", "step-4", "step-5"]
-    assert [c.step for c in b.checkpoints()] == [0, 3, 4, 5]
+    train_steps(twin, 1)
+    for name, value in lora_state(b).items():
+        torch.testing.assert_close(value, lora_state(twin)[name], rtol=0, atol=0)
+
+
+def test_checkpoints_stay_until_deleted(base_dir: Path, tmp_path: Path) -> None:
+    b = backend(base_dir, tmp_path / "state")
+    saved = []
+    for step in range(1, 6):
+        train_steps(b, 1)
+        saved.append(b.save(f"v{step:06d}"))
+    assert [c.step for c in b.checkpoints()] == [1, 2, 3, 4, 5]  # no pruning of its own
+    b.delete(saved[1])
+    b.delete(saved[1])  # already gone: fine
+    assert [Path(c.state_path).name for c in b.checkpoints()] == [
+        "v000001", "v000003", "v000004", "v000005"]
+    outside = Checkpoint(step=1, state_path=str(tmp_path / "elsewhere"), adapter_path="")
+    with pytest.raises(CheckpointError):
+        b.delete(outside)
 
 
 def test_save_replaces_a_same_named_checkpoint_and_ignores_partial_ones(

@@ -193,7 +193,7 @@ async def test_the_gate_refuses_a_regression_and_passes_an_improvement(
     client = aioredis.from_url(redis_server.url)
     trainer = Trainer(settings, client, LocalBackend(settings, tiny_model, tmp_path / "g"),
                       TrainerMetrics.create())
-    await asyncio.to_thread(trainer.backend.start)
+    await trainer.start()
     for i in range(8):  # every turn is held out (gate_holdout_every=1) ...
         await trainer.on_scored(turn_with(i, GOOD if i % 2 else BAD, 1.0 if i % 2 else -1.0),
                                 "0-0")

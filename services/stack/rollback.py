@@ -1,16 +1,23 @@
-"""``reef rollback``: serve an earlier adapter version again.
+"""``reef rollback``: serve an earlier adapter version again, and train on from it.
 
 The newest ``weights`` event of that version is published once more (a new event id);
 every gateway applies events in stream order, so it loads the old adapter onto the
-upstream and routes to it, like any new version. The trainer goes on training from its
-own latest checkpoint: stop it (or turn the gate on) if the rollback is to stick.
+upstream and routes to it, like any new version. In the same transaction a rollback
+request is written to the trainer's state hash: the trainer (now, or when it next
+starts) makes that version live, goes back to its checkpoint (weights and optimizer) and
+trains on from there; a step it was finishing meanwhile is dropped, not published. Only
+a version whose checkpoint the trainer still keeps can be rolled back to (retention
+keeps the newest ``checkpoint_keep_published`` gate-passed versions, and every version
+rolled back to).
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any, cast
 
+import orjson
 import redis
 
 from shared.keys import WEIGHTS, Keys
@@ -35,19 +42,38 @@ def versions(client: redis.Redis, keys: Keys, adapter: str) -> dict[int, Weights
     return found
 
 
+def kept_versions(client: redis.Redis, keys: Keys, adapter: str) -> set[int] | None:
+    """The gate-passed versions whose checkpoints the trainer keeps; None when the
+    trainer recorded none (it has not started yet)."""
+    raw = cast(bytes | None, client.hget(keys.trainer(adapter, "state"), "kept"))
+    if not raw:
+        return None
+    return {int(v) for v, info in orjson.loads(raw).items() if info.get("published")}
+
+
 def rollback(client: redis.Redis, settings: Settings, version: int) -> WeightsEventV1:
-    """Publish ``version`` again; returns the new event."""
+    """Publish ``version`` again and ask the trainer to go back to it; returns the event."""
     keys = Keys(settings.namespace)
-    known = versions(client, keys, settings.adapter_name)
+    adapter = settings.adapter_name
+    known = versions(client, keys, adapter)
     if version not in known:
-        raise RollbackError(f"no version {version} of {settings.adapter_name!r} in the weights "
+        raise RollbackError(f"no version {version} of {adapter!r} in the weights "
                             f"stream; known: {sorted(known)}")
+    kept = kept_versions(client, keys, adapter)
+    if kept is not None and version not in kept:
+        raise RollbackError(f"the checkpoint of version {version} of {adapter!r} is no "
+                            f"longer kept; versions that can be rolled back to: "
+                            f"{sorted(kept & set(known))}")
     old = known[version]
     event = WeightsEventV1(tenant=old.tenant, adapter=old.adapter, version=old.version,
                            path=old.path, step=old.step,
                            metrics={**old.metrics, "rollback": 1.0})
-    client.xadd(keys.stream(WEIGHTS), cast(Any, event.to_fields()),
-                maxlen=settings.stream_maxlen, approximate=True)
+    with client.pipeline(transaction=True) as pipe:
+        pipe.xadd(keys.stream(WEIGHTS), cast(Any, event.to_fields()),
+                  maxlen=settings.stream_maxlen, approximate=True)
+        pipe.hset(keys.trainer(adapter, "state"), "rollback",
+                  orjson.dumps({"version": version, "at": time.time()}))
+        pipe.execute()
     return event
 
 

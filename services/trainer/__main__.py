@@ -56,6 +56,7 @@ async def serve(settings: Settings) -> None:
     finally:
         if teacher is not None:
             await teacher.close()
+        await asyncio.to_thread(backend.close)
         await client.aclose()
 
 

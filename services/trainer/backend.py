@@ -19,6 +19,16 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+class StepError(RuntimeError):
+    """A failed call of a training step to something outside the trainer (the Tinker
+    service, the teacher). ``transient`` ones (network, timeouts, server errors, rate
+    limits) are retried in place; others count as failures of the batch."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
 @dataclass(frozen=True, slots=True)
 class Datum:
     """One training sequence with per-target-position inputs (length ``len(tokens) - 1``)."""
@@ -83,6 +93,21 @@ class TrainingBackend(Protocol):
     def start(self) -> Checkpoint | None:
         """Create the LoRA training client, resuming from the latest checkpoint if there
         is one (returned)."""
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Go back to a saved state (weights, optimizer state and step counter); gradients
+        accumulated since the last step are dropped. The trainer calls it after a refused
+        candidate, a failed step and a rollback, so that training goes on from the live
+        version."""
+
+    def delete(self, checkpoint: Checkpoint) -> None:
+        """Delete a saved checkpoint (its state and its adapter); one already gone is fine."""
+
+    def pin(self, checkpoint: Checkpoint) -> None:
+        """Keep a checkpoint until :meth:`delete` (lift any expiry it was saved with)."""
+
+    def close(self) -> None:
+        """Release the training client (the trainer calls it on shutdown)."""
 
     def forward_backward(self, datums: list[Datum], loss_fn: str) -> float:
         """Accumulate gradients of the summed loss; returns the loss value."""

@@ -193,17 +193,6 @@ def remove_partial_checkpoints(state_dir: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def prune_checkpoints(state_dir: Path, keep_last: int, protected: set[str]) -> None:
-    """Delete all but the ``keep_last`` newest checkpoints and the ``protected`` names."""
-    if keep_last <= 0:
-        return
-    found = list_checkpoints(state_dir)
-    keep = {Path(c.state_path).name for c in found[-keep_last:]} | protected
-    for checkpoint in found:
-        if Path(checkpoint.state_path).name not in keep:
-            shutil.rmtree(checkpoint.state_path, ignore_errors=True)
-
-
 def _lora_meta(config: LoraConfig) -> dict[str, Any]:
     modules = config.target_modules
     names = [modules] if isinstance(modules, str) else sorted(modules or [])
@@ -310,20 +299,18 @@ class LocalBackend:
     """:class:`~services.trainer.backend.TrainingBackend` on a local Hugging Face model.
 
     ``base_model_dir`` is a Hugging Face model directory (the policy server's converted
-    cache ``<data_dir>/models/<name>`` for the embedded model). ``keep_last`` checkpoints
-    are kept (0: all), plus any whose name is in ``keep`` or passed to :meth:`protect`.
-    ``threads`` > 0 sets torch's intra-op threads. Methods are serialised by a lock, so
-    the trainer may call them from worker threads.
+    cache ``<data_dir>/models/<name>`` for the embedded model). Checkpoints are kept until
+    :meth:`delete` (the trainer decides which to keep). ``threads`` > 0 sets torch's
+    intra-op threads. Methods are serialised by a lock, so the trainer may call them from
+    worker threads.
     """
 
     def __init__(self, settings: Settings, base_model_dir: Path, state_dir: Path, *,
-                 keep_last: int = 3, keep: Iterable[str] = (), threads: int = 0,
+                 threads: int = 0,
                  micro_batch_tokens: int = MICRO_BATCH_TOKENS) -> None:
         self.settings = settings
         self.base_model_dir = Path(base_model_dir)
         self.state_dir = Path(state_dir)
-        self.keep_last = keep_last
-        self.protected: set[str] = set(keep)
         self.threads = threads
         self.micro_batch_tokens = micro_batch_tokens
         self.device = torch.device(settings.trainer_device)
@@ -461,24 +448,37 @@ class LocalBackend:
     # --- checkpoints ---------------------------------------------------------------------
 
     def save(self, name: str) -> Checkpoint:
-        """Save the adapter, AdamW state, step and RNG to ``<state_dir>/<name>/`` atomically,
-        then drop checkpoints beyond the retention policy."""
+        """Save the adapter, AdamW state, step and RNG to ``<state_dir>/<name>/`` atomically."""
         with self._lock:
-            checkpoint = save_checkpoint(
+            return save_checkpoint(
                 self.state_dir, name, self.model, self._require_optimizer(), self.step,
                 self._lora_config(), base_model=str(self.base_model_dir))
-            prune_checkpoints(self.state_dir, self.keep_last, self.protected | {name})
-            return checkpoint
 
-    def protect(self, name: str) -> None:
-        """Never prune checkpoint ``name`` (e.g. the live adapter, a rollback target)."""
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Load a checkpoint's adapter weights, AdamW state, step and RNG; drop the
+        gradients and loss statistics gathered since the last step."""
         with self._lock:
-            self.protected.add(name)
+            optimizer = self._require_optimizer()
+            optimizer.zero_grad(set_to_none=True)
+            self.step = restore_checkpoint(checkpoint, self.model, optimizer,
+                                           self._lora_config())
+            self._stats = LossStats()
 
-    def unprotect(self, name: str) -> None:
-        """Let checkpoint ``name`` be pruned again."""
+    def delete(self, checkpoint: Checkpoint) -> None:
+        """Remove a checkpoint directory (one already gone is fine)."""
+        path = Path(checkpoint.state_path)
+        if path.parent.resolve() != self.state_dir.resolve():
+            raise CheckpointError(f"{path} is not a checkpoint of {self.state_dir}")
         with self._lock:
-            self.protected.discard(name)
+            shutil.rmtree(path, ignore_errors=True)
+
+    def pin(self, checkpoint: Checkpoint) -> None:
+        """Local checkpoints never expire: nothing to do."""
+
+    def close(self) -> None:
+        """Drop the model and optimizer (their memory goes back to the process)."""
+        with self._lock:
+            self._model, self._optimizer = None, None
 
     def checkpoints(self) -> list[Checkpoint]:
         """Complete checkpoints in ``state_dir``, oldest first."""

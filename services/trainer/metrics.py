@@ -24,6 +24,14 @@ class TrainerMetrics:
     live_version: Gauge
     buffer: Gauge
     gate: Counter
+    last_step: Gauge
+    """When the last step was committed (or the trainer started): the stall alarm's clock."""
+    batch_size: Gauge
+    step_failures: Counter
+    """Failed step attempts by kind: ``transient`` (retried) or ``error`` (counts towards
+    quarantine)."""
+    checkpoints_kept: Gauge
+    rollbacks: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> TrainerMetrics:
@@ -53,4 +61,16 @@ class TrainerMetrics:
                          registry=reg),
             gate=Counter("reef_trainer_gate_decisions_total", "Gate decisions on new "
                          "adapters (passed, refused).", ["outcome"], registry=reg),
+            last_step=Gauge("reef_trainer_last_step_timestamp_seconds", "Unix time of the "
+                            "last committed step (or of the trainer's start).", registry=reg),
+            batch_size=Gauge("reef_trainer_batch_size_samples", "Samples a step takes "
+                             "(batch_size).", registry=reg),
+            step_failures=Counter("reef_trainer_step_failures_total", "Failed step attempts "
+                                  "(transient: retried; error: counts towards quarantine).",
+                                  ["kind"], registry=reg),
+            checkpoints_kept=Gauge("reef_trainer_checkpoints_kept", "Checkpoints retention "
+                                   "keeps (live, last gate-passed, rollback targets).",
+                                   registry=reg),
+            rollbacks=Counter("reef_trainer_rollbacks_total", "Rollbacks applied.",
+                              registry=reg),
         )

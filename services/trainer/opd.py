@@ -19,14 +19,16 @@ from typing import Any
 import aiohttp
 import orjson
 
+from services.trainer.backend import StepError
 from shared.settings import ConfigError, Settings
 
 PROBE = "Reef checks tokenizers: naïve café, 12,345 tokens — done!\n"
 """Text whose tokenization differs between most tokenizers (accents, digits, dashes)."""
 
 
-class TeacherError(RuntimeError):
-    """The teacher could not score a sequence."""
+class TeacherError(StepError):
+    """The teacher could not score a sequence (``transient``: unreachable, timed out, a
+    server error or a rate limit)."""
 
 
 class Teacher:
@@ -55,9 +57,11 @@ class Teacher:
                                           headers={"Content-Type": "application/json"}) as r:
                 raw = await r.read()
                 if r.status >= 400:
-                    raise TeacherError(f"teacher answered {r.status}: {raw[:200]!r}")
+                    raise TeacherError(f"teacher answered {r.status}: {raw[:200]!r}",
+                                       transient=r.status >= 500 or r.status == 429)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise TeacherError(f"teacher unreachable ({type(exc).__name__})") from exc
+            raise TeacherError(f"teacher unreachable ({type(exc).__name__})",
+                               transient=True) from exc
         logprobs = orjson.loads(raw)["choices"][0].get("logprobs") or {}
         if not logprobs.get("token_logprobs"):
             raise TeacherError("teacher returned no token_logprobs (needs echo + logprobs)")

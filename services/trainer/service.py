@@ -4,14 +4,22 @@ A turn is trained at most once, also across crashes:
 
 1. ``on_scored`` puts a trainable turn's sample in a Redis hash (the buffer), unless the
    turn carries a "trained" marker; the entry is acked after that write.
-2. A step takes ``batch_size`` samples, records them as the *in-flight* batch, trains,
-   saves a checkpoint named after the step, and then commits in one transaction: the
-   samples leave the buffer, get "trained" markers, the step becomes the committed
-   one, and the ``weights`` event is appended.
-3. On start, the backend resumes from its latest checkpoint. If that checkpoint is the
-   in-flight step (the crash came after the save, before the commit) the commit is
-   redone; if it is older, the in-flight batch is still in the buffer and trained again
-   from the same optimizer state.
+2. A step takes ``batch_size`` samples, records them as the *in-flight* batch, trains
+   from the live version's weights, saves a candidate checkpoint, lets the gate decide,
+   and commits in one transaction: the samples leave the buffer and get "trained"
+   markers, the candidate's number becomes the committed step, and - if the gate passed
+   it - it becomes the live version and its ``weights`` event is appended. A refused
+   candidate is recorded, and the backend goes back to the live version's state.
+3. On start, the backend resumes the live version (``services.trainer.state``); a
+   candidate that was saved but not committed is dropped, and its batch, still in the
+   buffer, is trained again from the same state.
+
+The step loop never dies quietly: a transient failure (network, Tinker, the teacher) is
+retried with backoff; any other failure of a batch, or a process that died during it,
+counts as an attempt, and after ``trainer_max_batch_failures`` attempts the batch is
+quarantined (``Keys.trainer(adapter, "quarantine")``, with the reason) and training
+moves on. ``reef rollback N`` asks for a rollback in the state hash; the trainer makes N
+live again and goes on training from N.
 """
 
 from __future__ import annotations
@@ -26,8 +34,11 @@ from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
-from services.trainer.backend import Checkpoint, Datum, TrainingBackend
+from services.trainer.backend import Checkpoint, Datum, StepError, TrainingBackend
 from services.trainer.gate import Snapshot, decide, mean_completion_lp, replay_datums
 from services.trainer.metrics import TrainerMetrics
 from services.trainer.opd import Teacher, opd_advantages
@@ -41,6 +52,23 @@ from services.trainer.samples import (
     to_datums,
     to_sample,
 )
+from services.trainer.state import (
+    Version,
+    batch_digest,
+    checkpoint_name,
+    dump_kept,
+    dump_snapshot,
+    dump_version,
+    extend_lineage,
+    keep_set,
+    load_kept,
+    load_snapshot,
+    load_version,
+    pinned,
+    rolled_back_lineage,
+    snapshot_current,
+    staleness,
+)
 from shared.keys import WEIGHTS, Keys
 from shared.messages import Message, ScoredV1, WeightsEventV1
 from shared.redact import sensitive_for_tinker
@@ -51,6 +79,8 @@ log = logging.getLogger("reef.trainer")
 
 POLL_SECONDS = 0.5
 """How often the step loop looks at the buffer when it holds less than a batch."""
+MAX_BACKOFF_SECONDS = 60.0
+"""Longest pause between failed tries at a step."""
 
 _BUFFER_LUA = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
@@ -76,10 +106,16 @@ class Trainer:
         self.buffer_key = self.keys.trainer(self.adapter, "buffer")
         self.state_key = self.keys.trainer(self.adapter, "state")
         self.holdout_key = self.keys.trainer(self.adapter, "holdout")
+        self.quarantine_key = self.keys.trainer(self.adapter, "quarantine")
         self.snapshot: Snapshot | None = None
-        self.live_matches_backend = True
-        """Whether the backend's weights are the live adapter's (not after a refusal)."""
         self.version = 0
+        """The number of the last committed candidate (published or refused)."""
+        self.live = Version(0, 0, "", "", published=True, pinned=True)
+        """The version served now; set from the state hash by ``run``."""
+        self.lineage: list[int] = [0]
+        self.kept: dict[int, Version] = {}
+        self._backoff = 0.0
+        self._needs_restore = False
         self._buffer = redis.register_script(_BUFFER_LUA)
 
     # --- intake ---------------------------------------------------------------------------
@@ -115,44 +151,131 @@ class Trainer:
 
     # --- the step loop --------------------------------------------------------------------
 
-    async def run(self, stopping: asyncio.Event) -> None:
-        """Resume, then train whenever a batch is ready, until ``stopping``."""
+    async def start(self) -> None:
+        """Start the backend on the live version (``run`` calls it first)."""
+        self.metrics.batch_size.set(self.settings.batch_size)
+        self.metrics.last_step.set(time.time())
         checkpoint = await asyncio.to_thread(self.backend.start)
         await self._reconcile(checkpoint)
         if self.teacher is not None and self._probe_tokens is not None:
             await self.teacher.check_tokenizer(self._probe_tokens)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Resume, then train whenever a batch is ready, until ``stopping``."""
+        await self.start()
         while not stopping.is_set():
+            await self._apply_rollback()
             if self.version >= self.settings.max_steps:
                 break
             batch = await self._next_batch()
             if batch is None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), POLL_SECONDS)
+                await _wait(stopping, POLL_SECONDS)
                 continue
-            await self.step(batch)
+            delay = await self.attempt(batch)
+            if delay:
+                await _wait(stopping, delay)
 
-    async def _reconcile(self, checkpoint: Checkpoint | None) -> None:
-        state = cast(dict[bytes, bytes], await self.redis.hgetall(self.state_key))
-        committed = int(state.get(b"step", b"0"))
-        inflight = orjson.loads(state[b"inflight"]) if b"inflight" in state else None
-        resumed = checkpoint.step if checkpoint else 0
-        if inflight and checkpoint and resumed == inflight["step"] and resumed > committed:
-            log.info("trainer.recommit", extra={"step": resumed})
-            await self._commit(inflight["ids"], checkpoint, {}, time.monotonic())
-        elif inflight:
-            await self.redis.hdel(self.state_key, "inflight")
-        self.version = max(resumed, committed)
-        self.metrics.live_version.set(self.version)
+    async def attempt(self, batch: list[Sample]) -> float:
+        """One supervised try at a step on ``batch``; returns how long to back off before
+        the next try (0 after a success). A batch tried ``trainer_max_batch_failures``
+        times without success is quarantined instead."""
+        ids = [s.turn_id for s in batch]
+        tries, last_error = await self._count_attempt(ids)
+        if tries > self.settings.trainer_max_batch_failures:
+            await self._quarantine(batch, last_error or "the trainer died during each try")
+            return 0.0
+        try:
+            await self.step(batch)
+        except Exception as exc:  # noqa: BLE001 - every failure is classified and settled
+            return await self._failed(ids, exc)
+        self._backoff = 0.0
+        return 0.0
+
+    async def _failed(self, ids: list[str], exc: Exception) -> float:
+        """Settle a failed try: log it, put the backend back on the live version, and
+        count it against the batch unless it was transient. Returns the backoff."""
+        transient = is_transient(exc)
+        kind = "transient" if transient else "error"
+        self.metrics.step_failures.labels(kind).inc()
+        log.log(logging.WARNING if transient else logging.ERROR, "trainer.step_failed",
+                exc_info=exc, extra={"kind": kind, "turns": len(ids),
+                                     "error": f"{type(exc).__name__}: {exc}"[:300]})
+        await self._settle_failure(ids, exc, transient)
+        self._backoff = min(MAX_BACKOFF_SECONDS, max(
+            self.settings.trainer_retry_backoff_seconds, self._backoff * 2))
+        return self._backoff
+
+    async def _settle_failure(self, ids: list[str], exc: Exception, transient: bool) -> None:
+        """Note the failure on the batch's attempt record (a transient one takes its try
+        back), drop the in-flight record, and restore the live version's weights. A
+        failure here (Redis or the backend still down) is left to the next try."""
+        try:
+            state = cast(dict[bytes, bytes], await self.redis.hgetall(self.state_key))
+            record = orjson.loads(state.get(b"attempts", b"{}"))
+            if record.get("batch") == batch_digest(ids):
+                if transient:
+                    record["tries"] = max(0, record["tries"] - 1)
+                else:
+                    record["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+                await self.redis.hset(self.state_key, "attempts", orjson.dumps(record))
+            await self._drop_inflight(state)
+            self._load(state)
+            await asyncio.to_thread(self.backend.restore, self.live.checkpoint())
+        except Exception as again:  # noqa: BLE001 - the next try settles it
+            log.warning("trainer.recovery_failed",
+                        extra={"error": f"{type(again).__name__}: {again}"[:300]})
+            self._needs_restore = True
+
+    async def _count_attempt(self, ids: list[str]) -> tuple[int, str]:
+        """Record one more try at this batch (durably, before training, so that a
+        process dying mid-step counts); returns the tries so far and the last error."""
+        if self._needs_restore:
+            await asyncio.to_thread(self.backend.restore, self.live.checkpoint())
+            self._needs_restore = False
+        digest = batch_digest(ids)
+        raw = await self.redis.hget(self.state_key, "attempts")
+        record = orjson.loads(raw) if raw else {}
+        if record.get("batch") != digest:
+            record = {"batch": digest, "tries": 0, "error": ""}
+        record["tries"] += 1
+        await self.redis.hset(self.state_key, "attempts", orjson.dumps(record))
+        return int(record["tries"]), str(record["error"])
+
+    async def _quarantine(self, batch: list[Sample], reason: str) -> None:
+        """Set a batch aside for good: its samples go to the quarantine stream with the
+        reason, leave the buffer, and get a "trained" marker of 0 (never trained, never
+        buffered again)."""
+        ids = [s.turn_id for s in batch]
+        fields: dict[Any, Any] = {
+            "reason": reason[:1000], "adapter": self.adapter, "at": repr(time.time()),
+            "turn_ids": orjson.dumps(ids), "samples": orjson.dumps([asdict(s) for s in batch])}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.quarantine_key, fields, maxlen=self.settings.stream_maxlen,
+                      approximate=True)
+            pipe.hdel(self.buffer_key, *ids)
+            for turn_id in ids:
+                pipe.set(self.keys.trained(self.adapter, turn_id), 0, nx=True,
+                         ex=self.settings.dedupe_ttl_seconds)
+            pipe.hdel(self.state_key, "attempts", "inflight")
+            await pipe.execute()
+        self.metrics.samples.labels("quarantined").inc(len(ids))
+        log.error("trainer.batch_quarantined", extra={"turns": len(ids),
+                                                      "reason": reason[:300]})
 
     async def _next_batch(self) -> list[Sample] | None:
-        """The oldest ``batch_size`` fresh samples, or None; stale ones are dropped."""
+        """The oldest ``batch_size`` fresh samples, or None; stale ones are dropped: those
+        sampled more than ``max_staleness`` versions back in the live lineage, or by a
+        version off it (rolled back)."""
         raw = cast(dict[bytes, bytes], await self.redis.hgetall(self.buffer_key))
         self.metrics.buffer.set(len(raw))
         if len(raw) < self.settings.batch_size:
             return None
         samples = [Sample(**orjson.loads(v)) for v in raw.values()]
-        stale = [s.turn_id for s in samples
-                 if self.version - s.version > self.settings.max_staleness]
+        stale = []
+        for sample in samples:
+            back = staleness(self.lineage, sample.version)
+            if back is None or back > self.settings.max_staleness:
+                stale.append(sample.turn_id)
         if stale:
             await self.redis.hdel(self.buffer_key, *stale)
             self.metrics.samples.labels("stale").inc(len(stale))
@@ -161,48 +284,61 @@ class Trainer:
         return samples[: self.settings.batch_size]
 
     async def step(self, batch: list[Sample]) -> None:
-        """One optimisation step on ``batch``, committed with its weights event."""
+        """One optimisation step on ``batch``, committed with its weights event (or the
+        gate's refusal); raises what the backend, the teacher or Redis raised."""
         started, batch_at = time.monotonic(), time.time()
         ids = [s.turn_id for s in batch]
-        if self.teacher is not None:
-            datums, advs, kl = await self._distillation_datums(batch)
-            self.metrics.kl.set(kl)
-        elif self.settings.kl_base_coef > 0:
-            advs = advantages(batch)
-            datums, kl = await asyncio.to_thread(self._kl_base_datums, batch, advs)
-            self.metrics.kl.set(kl)
-        else:
-            advs = advantages(batch)
-            datums = to_datums(batch, advs)
+        datums, advs = await self._datums(batch)
         if not datums:  # identical rewards: nothing to learn, and no step to pretend
             await self.redis.hdel(self.buffer_key, *ids)
             self.metrics.samples.labels("zero_advantage").inc(len(ids))
             return
-        step = self.version + 1
+        number = self.version + 1
         await self.redis.hset(self.state_key, "inflight",
-                              orjson.dumps({"step": step, "ids": ids}))
+                              orjson.dumps({"step": number, "ids": ids}))
         snapshot = await self._gate_snapshot()
         checkpoint, result_loss, step_metrics, candidate_lp = await asyncio.to_thread(
-            self._train_blocking, datums, f"step-{step:06d}", snapshot)
+            self._train_blocking, datums, checkpoint_name(number), snapshot)
+        await self.redis.hset(self.state_key, "inflight", orjson.dumps(
+            {"step": number, "ids": ids, "candidate": asdict(checkpoint)}))
         self.metrics.step_seconds.observe(time.monotonic() - started)
         rewards = [s.reward for s in batch]
         summary = {"loss": result_loss, "reward_mean": sum(rewards) / len(rewards),
                    "advantage_abs_mean": sum(abs(a) for a in advs) / len(advs),
                    "datums": float(len(datums)), **step_metrics}
-        decision = None
-        if snapshot is not None and candidate_lp is not None:
-            decision = decide(snapshot, candidate_lp, self.settings.gate_tolerance,
-                              self.settings.gate_max_shift)
-            summary.update(gate_live_score=decision.live_score,
-                           gate_candidate_score=decision.candidate_score,
-                           gate_shift=decision.shift)
-            self.metrics.gate.labels("passed" if decision.passed else "refused").inc()
-        await self._commit(ids, checkpoint, summary, started, batch_at=batch_at,
-                           publish=decision is None or decision.passed,
-                           refusal=None if decision is None or decision.passed
-                           else decision.reason)
-        if decision is not None and decision.passed:
-            self._maybe_refresh_snapshot()
+        refusal = self._judge(snapshot, candidate_lp, summary)
+        candidate = Version.of(number, checkpoint, published=refusal is None)
+        if not await self._commit(ids, candidate, summary, started, batch_at, refusal):
+            await self._drop_inflight(None)  # a rollback came first: it wins
+            return
+        await self._after_commit(candidate, refusal)
+
+    async def _datums(self, batch: list[Sample]) -> tuple[list[Datum], list[float]]:
+        """The batch's datums (RL, RL with the KL to the base, or distillation) and the
+        advantage of each sample."""
+        if self.teacher is not None:
+            datums, advs, kl = await self._distillation_datums(batch)
+            self.metrics.kl.set(kl)
+            return datums, advs
+        advs = advantages(batch)
+        if self.settings.kl_base_coef > 0:
+            datums, kl = await asyncio.to_thread(self._kl_base_datums, batch, advs)
+            self.metrics.kl.set(kl)
+            return datums, advs
+        return to_datums(batch, advs), advs
+
+    def _judge(self, snapshot: Snapshot | None, candidate_lp: list[float] | None,
+               summary: dict[str, float]) -> str | None:
+        """The gate's verdict on a candidate: None to publish it, or why it is refused."""
+        if snapshot is None or candidate_lp is None:
+            return None
+        decision = decide(snapshot, candidate_lp, self.settings.gate_tolerance,
+                          self.settings.gate_max_shift)
+        summary.update(gate_live_score=decision.live_score,
+                       gate_candidate_score=decision.candidate_score,
+                       gate_shift=decision.shift)
+        self.metrics.gate.labels("passed" if decision.passed else "refused").inc()
+        return None if decision.passed else decision.reason
 
     def _train_blocking(self, datums: list[Any], name: str, snapshot: Snapshot | None
                         ) -> tuple[Checkpoint, float, dict[str, float], list[float] | None]:
@@ -258,17 +394,20 @@ class Trainer:
     # --- the gate -------------------------------------------------------------------------
 
     async def _gate_snapshot(self) -> Snapshot | None:
-        """The held-out replay with the live policy's logprobs; built from the newest
-        held-out turns while the backend's weights are the live ones."""
+        """The held-out replay with the live policy's logprobs, built from the newest
+        held-out turns (the backend holds the live weights when a step starts) and kept
+        in the state hash, so that a restart compares with the same live version."""
         if not self.gating:
             return None
-        if self.snapshot is None and self.live_matches_backend:
+        if self.snapshot is None:
             samples = await self._holdout()
             if len(samples) >= 2:
                 logprobs = await asyncio.to_thread(self.backend.logprobs,
                                                    replay_datums(samples))
                 self.snapshot = Snapshot(samples, mean_completion_lp(samples, logprobs),
-                                         self.version)
+                                         self.live.version)
+                await self.redis.hset(self.state_key, "snapshot",
+                                      dump_snapshot(self.snapshot))
         return self.snapshot
 
     async def _holdout(self) -> list[Sample]:
@@ -280,54 +419,201 @@ class Trainer:
             await self.redis.hdel(self.holdout_key, *(s.turn_id for s in samples[:-keep]))
         return samples[-keep:]
 
-    def _maybe_refresh_snapshot(self) -> None:
-        """After a publish the backend is live again: rebuild the replay from newer
-        held-out turns every ``gate_refresh_steps`` versions."""
-        snapshot = self.snapshot
-        if snapshot and self.version - snapshot.live_version >= self.settings.gate_refresh_steps:
-            self.snapshot = None
+    # --- commit, and what follows it ------------------------------------------------------
 
-    async def _commit(self, ids: list[str], checkpoint: Checkpoint,
-                      summary: dict[str, float], started: float, *, batch_at: float = 0.0,
-                      publish: bool = True,
-                      refusal: str | None = None) -> None:
-        """Consume the batch and record the step; publish its weights unless the gate
-        refused them (then the live adapter stays, and the refusal is recorded)."""
-        version = checkpoint.step
-        event = WeightsEventV1(
-            id=f"{self.adapter}-v{version}", tenant=self.settings.train_tenant or "*",
-            adapter=adapter_label(self.adapter, version), version=version,
-            path=checkpoint.adapter_path, step=checkpoint.step, metrics=summary,
-            batch_at=batch_at)
+    async def _commit(self, ids: list[str], candidate: Version, summary: dict[str, float],
+                      started: float, batch_at: float, refusal: str | None) -> bool:
+        """Consume the batch and record the step; publish the candidate unless the gate
+        refused it (then the refusal is recorded). False, and nothing written, when a
+        rollback request is pending or arrives meanwhile (``WATCH`` on the state hash)."""
+        publish = refusal is None
+        number = candidate.version
+        kept = {**self.kept, number: candidate}
+        lineage = (extend_lineage(self.lineage, number, self.settings.max_staleness)
+                   if publish else self.lineage)
         async with self.redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(self.state_key)
+            if await pipe.hexists(self.state_key, "rollback"):
+                return False
+            pipe.multi()  # type: ignore[no-untyped-call]
             pipe.hdel(self.buffer_key, *ids)
             for turn_id in ids:  # a count, not a flag: a turn trained twice would show
                 pipe.incr(self.keys.trained(self.adapter, turn_id))
                 pipe.expire(self.keys.trained(self.adapter, turn_id),
                             self.settings.dedupe_ttl_seconds)
-            pipe.hset(self.state_key, "step", version)
-            pipe.hdel(self.state_key, "inflight")
+            pipe.hset(self.state_key, mapping={"step": number, "kept": dump_kept(kept)})
+            pipe.hdel(self.state_key, "inflight", "attempts")
             if publish:
-                pipe.hset(self.state_key, "live_path", checkpoint.adapter_path)
-                pipe.xadd(self.keys.stream(WEIGHTS), cast(Any, event.to_fields()),
-                          maxlen=self.settings.stream_maxlen, approximate=True)
+                pipe.hset(self.state_key, mapping={"live": dump_version(candidate),
+                                                   "lineage": orjson.dumps(lineage)})
+                pipe.xadd(self.keys.stream(WEIGHTS), cast(Any, self._event(
+                    candidate, summary, batch_at).to_fields()),
+                    maxlen=self.settings.stream_maxlen, approximate=True)
             else:
                 pipe.hset(self.state_key, "gate_refusal", orjson.dumps(
-                    {"step": version, "reason": refusal, "at": time.time(), **summary}))
-            await pipe.execute()
-        self.live_matches_backend = publish
-        if not publish:
-            log.warning("trainer.gate_refused", extra={"step": version, "reason": refusal})
-        self.version = version
+                    {"step": number, "reason": refusal, "at": time.time(), **summary}))
+            try:
+                await pipe.execute()
+            except WatchError:
+                return False
+        self.version, self.kept, self.lineage = number, kept, lineage
+        self._observe_commit(len(ids), summary, started)
+        log.info("trainer.step_committed", extra={"step": number, "published": publish,
+                                                  **summary})
+        return True
+
+    def _event(self, candidate: Version, summary: dict[str, float],
+               batch_at: float) -> WeightsEventV1:
+        return WeightsEventV1(
+            id=f"{self.adapter}-v{candidate.version}", tenant=self.settings.train_tenant or "*",
+            adapter=adapter_label(self.adapter, candidate.version), version=candidate.version,
+            path=candidate.adapter_path, step=candidate.step, metrics=summary,
+            batch_at=batch_at)
+
+    def _observe_commit(self, trained: int, summary: dict[str, float], started: float) -> None:
         self.metrics.steps.inc()
-        self.metrics.samples.labels("trained").inc(len(ids))
-        if publish:
-            self.metrics.live_version.set(version)
+        self.metrics.last_step.set(time.time())
+        self.metrics.samples.labels("trained").inc(trained)
         self.metrics.batch_to_publish_seconds.observe(time.monotonic() - started)
         for name in ("loss", "reward_mean", "advantage_abs_mean"):
             if name in summary:
                 getattr(self.metrics, name).set(summary[name])
-        log.info("trainer.step_committed", extra={"step": version, **summary})
+
+    async def _after_commit(self, candidate: Version, refusal: str | None) -> None:
+        """Go live with a published candidate, or back to the live weights after a
+        refusal; then apply retention."""
+        if refusal is None:
+            self.live = candidate
+            self.metrics.live_version.set(candidate.version)
+            if self.snapshot and not snapshot_current(self.snapshot, self.lineage,
+                                                      self.settings.gate_refresh_steps):
+                self.snapshot = None  # rebuilt from newer held-out turns
+            await asyncio.to_thread(self.backend.pin, candidate.checkpoint())
+        else:
+            log.warning("trainer.gate_refused", extra={"step": candidate.version,
+                                                       "reason": refusal})
+            await asyncio.to_thread(self.backend.restore, self.live.checkpoint())
+        await self._retain()
+
+    async def _retain(self) -> None:
+        """Delete the checkpoints retention does not keep (state first, then storage: a
+        checkpoint is forgotten only once it is deleted, so a failure is retried)."""
+        raw = await self.redis.hget(self.state_key, "rollback")
+        wanted = orjson.loads(raw)["version"] if raw else None
+        keep = keep_set(self.kept, self.live.version, self.settings.checkpoint_keep_published,
+                        wanted)
+        gone = []
+        for number in sorted(set(self.kept) - keep):
+            try:
+                await asyncio.to_thread(self.backend.delete, self.kept[number].checkpoint())
+            except (StepError, OSError) as exc:
+                log.warning("trainer.checkpoint_delete_failed",
+                            extra={"step": number, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            gone.append(number)
+        if gone:
+            self.kept = {v: info for v, info in self.kept.items() if v not in gone}
+            await self.redis.hset(self.state_key, "kept", dump_kept(self.kept))
+        self.metrics.checkpoints_kept.set(len(self.kept))
+
+    # --- start, rollback ------------------------------------------------------------------
+
+    def _load(self, state: dict[bytes, bytes]) -> None:
+        """Take the committed step, the live version, lineage and kept checkpoints from
+        the state hash (when it has them)."""
+        live = load_version(state.get(b"live"))
+        if live is None:
+            return
+        self.live = live
+        self.version = int(state.get(b"step", b"0"))
+        self.lineage = orjson.loads(state.get(b"lineage", b"[]")) or [live.version]
+        self.kept = load_kept(state.get(b"kept")) or {live.version: live}
+
+    async def _reconcile(self, resumed: Checkpoint | None) -> None:
+        """After ``backend.start``: make the backend hold the live version, drop a
+        candidate that was never committed, reload the gate's snapshot."""
+        state = cast(dict[bytes, bytes], await self.redis.hgetall(self.state_key))
+        if b"live" not in state:
+            await self._first_live(resumed, int(state.get(b"step", b"0")))
+            state = cast(dict[bytes, bytes], await self.redis.hgetall(self.state_key))
+        self._load(state)
+        if resumed is None or resumed.state_path != self.live.state_path:
+            await asyncio.to_thread(self.backend.restore, self.live.checkpoint())
+        await self._drop_inflight(state)
+        snapshot = load_snapshot(state.get(b"snapshot"))
+        if snapshot and snapshot_current(snapshot, self.lineage,
+                                         self.settings.gate_refresh_steps):
+            self.snapshot = snapshot
+        self.metrics.live_version.set(self.live.version)
+        await self._retain()
+
+    async def _first_live(self, resumed: Checkpoint | None, committed: int) -> None:
+        """No live version recorded: a new adapter (its fresh weights are version 0), or
+        state from before versions were recorded (what the backend resumed is live)."""
+        if resumed is None:
+            resumed, number = await asyncio.to_thread(self.backend.save,
+                                                      checkpoint_name(0)), 0
+        else:
+            number = committed or resumed.step
+            log.warning("trainer.live_adopted", extra={"step": number})
+        live = Version.of(number, resumed, published=True, pinned=True)
+        await self.redis.hset(self.state_key, mapping={
+            "step": number, "live": dump_version(live), "lineage": orjson.dumps([number]),
+            "kept": dump_kept({number: live})})
+
+    async def _drop_inflight(self, state: dict[bytes, bytes] | None) -> None:
+        """Forget an uncommitted step; its saved candidate (if any) goes to retention."""
+        raw = (state or {}).get(b"inflight") if state is not None else await self.redis.hget(
+            self.state_key, "inflight")
+        if not raw:
+            return
+        inflight = orjson.loads(raw)
+        await self.redis.hdel(self.state_key, "inflight")
+        if "candidate" in inflight and inflight["step"] not in self.kept:
+            self.kept[inflight["step"]] = Version.of(inflight["step"],
+                                                     Checkpoint(**inflight["candidate"]))
+
+    async def _apply_rollback(self) -> None:
+        """Apply a pending ``reef rollback N``: N becomes the live version (kept for
+        good), the backend goes back to N's state, and training goes on from there."""
+        raw = await self.redis.hget(self.state_key, "rollback")
+        if not raw:
+            return
+        number = int(orjson.loads(raw)["version"])
+        target = self.kept.get(number)
+        if target is None or not target.published:
+            log.error("trainer.rollback_unknown", extra={"step": number,
+                                                         "kept": sorted(self.kept)})
+            await self.redis.hdel(self.state_key, "rollback")
+            return
+        await asyncio.to_thread(self.backend.restore, target.checkpoint())
+        self.live = self.kept[number] = pinned(target)
+        self.lineage = rolled_back_lineage(self.lineage, number)
+        self.snapshot = None
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.state_key, mapping={
+                "live": dump_version(self.live), "lineage": orjson.dumps(self.lineage),
+                "kept": dump_kept(self.kept)})
+            pipe.hdel(self.state_key, "rollback", "snapshot", "attempts")
+            await pipe.execute()
+        self.metrics.rollbacks.inc()
+        self.metrics.live_version.set(number)
+        log.warning("trainer.rolled_back", extra={"step": number})
+        await self._retain()
+
+
+async def _wait(stopping: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), seconds)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed step is worth retrying as it is: Redis or the network briefly
+    unreachable, or a backend or teacher call that says so."""
+    if isinstance(exc, StepError):
+        return exc.transient
+    return isinstance(exc, RedisConnectionError | RedisTimeoutError | ConnectionError
+                      | TimeoutError)
 
 
 def _distillable(message: ScoredV1) -> bool:

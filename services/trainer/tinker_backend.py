@@ -22,6 +22,11 @@ SDK calls relied on (``tinker`` 0.38.0; each returns a future, read with ``.resu
 - ``TrainingClient.save_state(name)`` -> ``SaveWeightsResponse.path`` (weights + optimizer);
   ``save_weights_for_sampler(name)`` -> ``SaveWeightsForSamplerResponse.path``
 - ``ServiceClient.create_sampling_client(model_path=)`` -> ``SamplingClient``
+- ``save_state`` / ``save_weights_for_sampler`` take ``ttl_seconds``: every checkpoint is
+  saved with ``tinker_checkpoint_ttl_seconds``; ``RestClient.set_checkpoint_ttl_from_tinker_path
+  (path, None)`` lifts it for a kept version (:meth:`TinkerBackend.pin`) and
+  ``RestClient.delete_checkpoint_from_tinker_path(path)`` deletes one the trainer no longer
+  keeps (:meth:`TinkerBackend.delete`), so storage does not grow without bound.
 
 Every method blocks (client creation with the service unreachable blocks ~300 s in the
 SDK): the trainer calls them through ``asyncio.to_thread``, never on its event loop.
@@ -45,7 +50,7 @@ import numpy as np
 import tinker
 from tinker import types as ttypes
 
-from services.trainer.backend import Checkpoint, Datum, StepResult
+from services.trainer.backend import Checkpoint, Datum, StepError, StepResult
 from shared.settings import ConfigError, Settings
 
 log = logging.getLogger("reef.trainer.tinker")
@@ -63,8 +68,21 @@ ADAM_EPS = 1e-12
 """Adam's denominator epsilon (Tinker's default)."""
 
 
-class TinkerBackendError(RuntimeError):
-    """A Tinker call failed or returned something unusable; the message names the call."""
+class TinkerBackendError(StepError):
+    """A Tinker call failed or returned something unusable; the message names the call.
+    ``transient``: a timeout, a connection failure, a rate limit or a server error."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a Tinker SDK error is worth retrying as it is (the request was fine)."""
+    if isinstance(exc, tinker.APIConnectionError | tinker.RateLimitError
+                  | tinker.InternalServerError):
+        return True
+    if isinstance(exc, tinker.RequestFailedError):
+        return str(exc.category) == "server"
+    if isinstance(exc, tinker.APIStatusError):
+        return exc.status_code >= 500 or exc.status_code in (408, 409, 429)
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +159,7 @@ class TinkerBackend:
         self._timeout = result_timeout_seconds
         self._record_path = settings.data_dir / "tinker" / f"{settings.adapter_name}.json"
         self._service: Any = None
+        self._rest: Any = None
         self._training: Any = None
         self._base_sampler: Any = None
         self.step = 0
@@ -170,8 +189,8 @@ class TinkerBackend:
                           adapter_path=record.sampler_path)
 
     def _check_model_available(self) -> None:
-        caps = self._wait(self._rest_factory(self.settings).get_server_capabilities(),
-                          "get_server_capabilities")
+        self._rest = self._rest_factory(self.settings)
+        caps = self._wait(self._rest.get_server_capabilities(), "get_server_capabilities")
         trainable = sorted(m.model_name for m in caps.supported_models
                            if m.model_name and m.trainable is not False)
         if self.settings.model_name not in trainable:
@@ -184,6 +203,39 @@ class TinkerBackend:
         if self._service is not None:
             self._wait(self._service.close("success"), "close")
             self._service = None
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """A new training client from ``checkpoint``'s state with its optimizer (what the
+        SDK recommends over loading into the current client); recorded, so that a restart
+        resumes from it too. Gradients of the old client are gone with it."""
+        if self._service is None:
+            raise TinkerBackendError("restore needs start() first")
+        self._training = self._wait(
+            self._service.create_training_client_from_state_with_optimizer(
+                checkpoint.state_path), "create_training_client_from_state_with_optimizer")
+        self.step = checkpoint.step
+        self._pending_loss, self._pending_metrics = 0.0, {}
+        self._write_record(CheckpointRecord(
+            base_model=self.settings.model_name, step=checkpoint.step,
+            state_path=checkpoint.state_path, sampler_path=checkpoint.adapter_path,
+            name=checkpoint.state_path.rsplit("/", 1)[-1]))
+        log.info("tinker.restored", extra={"step": checkpoint.step})
+
+    def delete(self, checkpoint: Checkpoint) -> None:
+        """Delete the checkpoint's state and sampler weights on Tinker (404: already gone)."""
+        for path in (checkpoint.state_path, checkpoint.adapter_path):
+            try:
+                self._wait(self._rest_client().delete_checkpoint_from_tinker_path(path),
+                           "delete_checkpoint")
+            except TinkerBackendError as exc:
+                if not isinstance(exc.__cause__, tinker.NotFoundError):
+                    raise
+
+    def pin(self, checkpoint: Checkpoint) -> None:
+        """Lift the expiry of the checkpoint's state and sampler weights."""
+        for path in (checkpoint.state_path, checkpoint.adapter_path):
+            self._wait(self._rest_client().set_checkpoint_ttl_from_tinker_path(path, None),
+                       "set_checkpoint_ttl")
 
     # --- training -----------------------------------------------------------------------
 
@@ -232,8 +284,9 @@ class TinkerBackend:
         """Save weights + optimizer (``save_state``) and sampler weights, then record them
         locally so that :meth:`start` resumes from here after a crash."""
         client = self._client()
-        state_future = client.save_state(name)
-        sampler_future = client.save_weights_for_sampler(name)
+        ttl = self.settings.tinker_checkpoint_ttl_seconds
+        state_future = client.save_state(name, ttl_seconds=ttl)
+        sampler_future = client.save_weights_for_sampler(name, ttl_seconds=ttl)
         state: ttypes.SaveWeightsResponse = self._wait(state_future, "save_state")
         sampler: ttypes.SaveWeightsForSamplerResponse = self._wait(
             sampler_future, "save_weights_for_sampler")
@@ -315,6 +368,11 @@ class TinkerBackend:
 
     # --- the SDK boundary ---------------------------------------------------------------
 
+    def _rest_client(self) -> Any:
+        if self._rest is None:
+            self._rest = self._rest_factory(self.settings)
+        return self._rest
+
     def _client(self) -> Any:
         if self._training is None:
             raise TinkerBackendError("the Tinker training client is not created: call start()")
@@ -327,9 +385,10 @@ class TinkerBackend:
             return future.result(timeout=self._timeout)
         except TimeoutError as exc:  # concurrent.futures.TimeoutError is this since 3.11
             raise TinkerBackendError(f"Tinker {call} gave no result in "
-                                     f"{self._timeout} s") from exc
+                                     f"{self._timeout} s", transient=True) from exc
         except tinker.TinkerError as exc:
-            raise TinkerBackendError(f"Tinker {call} failed: {exc}") from exc
+            raise TinkerBackendError(f"Tinker {call} failed: {exc}",
+                                     transient=is_transient(exc)) from exc
 
 
 def _loss_of(out: ttypes.ForwardBackwardOutput, call: str) -> float:
