@@ -131,6 +131,9 @@ def test_metrics_ports_probes_and_services_agree() -> None:
         assert probe == ["python", "/app/deploy/healthcheck.py",
                          f"http://127.0.0.1:{port}/metrics"]
         assert "REEF_METRICS_KEY" in env  # the probe sends it
+        if name != "jobs":  # /healthz turns 503 once a task of the service failed
+            ready = container["readinessProbe"]["exec"]["command"]
+            assert ready[-1] == f"http://127.0.0.1:{port}/healthz", name
         # A headless Service: Prometheus resolves every replica.
         [metrics] = [s for s in services if s["spec"]["selector"]["app.kubernetes.io/name"]
                      == name]

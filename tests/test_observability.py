@@ -157,6 +157,10 @@ def test_promtool_checks_config_and_rules(tmp_path: Path) -> None:
     names = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
     assert {"ReefStreamLagGrowing", "ReefDeadLetters", "ReefJudgeErrorRate",
             "ReefTrainerStalled", "ReefRewardDropping"} <= names
+    # The rules' own unit tests (series in, alerts out): deploy/prometheus/alerts.test.yml.
+    tested = subprocess.run([promtool, "test", "rules", str(ALERTS.with_suffix(".test.yml"))],
+                            capture_output=True, text=True, timeout=60)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
 
 
 def test_scorer_exports_what_the_mean_reward_needs() -> None:

@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -80,6 +81,14 @@ class FakeRestClient:
             SupportedModel(model_name="sample-only/Model", trainable=False)])
         return self.cloud.log("get_server_capabilities") or done(caps)
 
+    def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> Any:
+        return self.cloud.log("delete_checkpoint", path=tinker_path) or done(None)
+
+    def set_checkpoint_ttl_from_tinker_path(self, tinker_path: str,
+                                            ttl_seconds: int | None) -> Any:
+        return (self.cloud.log("set_checkpoint_ttl", path=tinker_path, ttl=ttl_seconds)
+                or done(None))
+
 
 class FakeTrainingClient:
     def __init__(self, cloud: Cloud, run: str) -> None:
@@ -110,12 +119,12 @@ class FakeTrainingClient:
 
     def save_state(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
                    user_metadata: dict[str, str] | None = None) -> Any:
-        return (self.cloud.log("save_state", name=name) or done(
+        return (self.cloud.log("save_state", name=name, ttl=ttl_seconds) or done(
             ttypes.SaveWeightsResponse(path=f"tinker://{self.run}/weights/{name}")))
 
     def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None,
                                  user_metadata: dict[str, str] | None = None) -> Any:
-        return (self.cloud.log("save_weights_for_sampler", name=name) or done(
+        return (self.cloud.log("save_weights_for_sampler", name=name, ttl=ttl_seconds) or done(
             ttypes.SaveWeightsForSamplerResponse(
                 path=f"tinker://{self.run}/sampler_weights/{name}")))
 
@@ -195,6 +204,8 @@ def sample_datums() -> list[Datum]:
 
 @pytest.mark.parametrize(("fake", "real", "method"), [
     (FakeRestClient, tinker.RestClient, "get_server_capabilities"),
+    (FakeRestClient, tinker.RestClient, "delete_checkpoint_from_tinker_path"),
+    (FakeRestClient, tinker.RestClient, "set_checkpoint_ttl_from_tinker_path"),
     (FakeServiceClient, tinker.ServiceClient, "create_lora_training_client"),
     (FakeServiceClient, tinker.ServiceClient,
      "create_training_client_from_state_with_optimizer"),
@@ -432,6 +443,67 @@ def test_resume_after_a_crash_loads_the_recorded_state_with_optimizer(
     second.forward_backward(sample_datums(), "importance_sampling")
     assert second.optim_step(1e-4).step == 3  # the lost step is trained again
     assert second.save("step-000003").state_path == "tinker://run-2/weights/step-000003"
+
+
+def test_checkpoints_expire_unless_pinned_and_are_deleted_for_good(
+        cloud: Cloud, make_backend: Callable[..., TinkerBackend]) -> None:
+    """Before: every step saved state and sampler weights with no TTL and nothing deleted
+    them, so storage grew without bound."""
+    backend = make_backend(tinker_checkpoint_ttl_seconds=86_400)
+    backend.start()
+    saved = backend.save("v000001")
+    saves = [kw for name, kw in cloud.calls if name.startswith("save_")]
+    assert [kw["ttl"] for kw in saves] == [86_400, 86_400]
+    backend.pin(saved)
+    backend.delete(saved)
+    assert [(n, kw) for n, kw in cloud.calls if n in ("set_checkpoint_ttl", "delete_checkpoint")
+            ] == [("set_checkpoint_ttl", {"path": saved.state_path, "ttl": None}),
+                  ("set_checkpoint_ttl", {"path": saved.adapter_path, "ttl": None}),
+                  ("delete_checkpoint", {"path": saved.state_path}),
+                  ("delete_checkpoint", {"path": saved.adapter_path})]
+    gone = httpx.Response(404, request=httpx.Request("DELETE", "https://tinker.invalid"))
+    cloud.fail["delete_checkpoint"] = tinker.NotFoundError("not found", response=gone,
+                                                            body=None)
+    backend.delete(saved)  # already gone: fine
+    cloud.fail["delete_checkpoint"] = server_error()
+    with pytest.raises(TinkerBackendError) as err:
+        backend.delete(saved)
+    assert err.value.transient
+
+
+def test_restore_starts_a_client_from_the_state_and_records_it(
+        cloud: Cloud, make_backend: Callable[..., TinkerBackend], tmp_path: Path) -> None:
+    backend = make_backend()
+    backend.start()
+    live = backend.save("v000000")
+    backend.forward_backward(sample_datums(), "importance_sampling")
+    backend.optim_step(1e-4)
+    backend.save("v000001")  # a refused candidate
+    backend.forward_backward(sample_datums(), "importance_sampling")  # a half step
+    backend.restore(live)
+    assert cloud.calls[-1] == ("create_training_client_from_state_with_optimizer",
+                               {"path": live.state_path})
+    assert backend.step == 0
+    record = json.loads((tmp_path / "tinker" / "reef.json").read_text())
+    assert record["state_path"] == live.state_path  # a restart resumes the live state
+    backend.forward_backward(sample_datums(), "importance_sampling")
+    assert backend.optim_step(1e-4).loss == cloud.loss  # the half step's loss is gone
+
+
+@pytest.mark.parametrize(("error", "transient"), [
+    (server_error(), True),
+    (tinker.RequestFailedError("bad datum", "req-2", RequestErrorCategory.User), False),
+    (tinker.APIConnectionError(request=httpx.Request("POST", "https://tinker.invalid")), True),
+])
+def test_errors_say_whether_a_retry_can_help(
+        cloud: Cloud, make_backend: Callable[..., TinkerBackend], error: Exception,
+        transient: bool) -> None:
+    backend = make_backend()
+    backend.start()
+    cloud.fail["forward_backward"] = error
+    with pytest.raises(TinkerBackendError) as err:
+        backend.forward_backward(sample_datums(), "importance_sampling")
+    assert err.value.transient is transient
 
 
 def test_a_record_for_another_model_is_refused(

@@ -116,6 +116,7 @@ class Trainer:
         self.kept: dict[int, Version] = {}
         self._backoff = 0.0
         self._needs_restore = False
+        self._started = False
         self._buffer = redis.register_script(_BUFFER_LUA)
 
     # --- intake ---------------------------------------------------------------------------
@@ -152,7 +153,10 @@ class Trainer:
     # --- the step loop --------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the backend on the live version (``run`` calls it first)."""
+        """Start the backend on the live version (``run`` calls it first, once)."""
+        if self._started:
+            return
+        self._started = True
         self.metrics.batch_size.set(self.settings.batch_size)
         self.metrics.last_step.set(time.time())
         checkpoint = await asyncio.to_thread(self.backend.start)
