@@ -311,3 +311,51 @@ async def test_retention_keeps_live_last_published_and_rollback_targets(
     assert names == ["v000000", "v000002", "v000007", "v000008"]
     assert trainer.metrics.checkpoints_kept._value.get() == 4
     await client.aclose()
+
+
+def revised(i: int, reward: float, revision: int) -> ScoredV1:
+    first = scored_turn(i, reward)
+    return first.model_copy(update={"revision": revision, "id": f"{first.id}:r{revision}"})
+
+
+async def test_late_feedback_retrains_on_the_newest_reward_or_counts_a_correction(
+        redis_server: RedisServer, namespace: str, tiny_model: Path, tmp_path: Path) -> None:
+    """Before: the buffer kept the first reward it saw (HSETNX), so a superseding scored
+    entry from late explicit feedback was dropped as a duplicate."""
+    settings = settings_for(namespace, redis_server.url, tiny_model, tmp_path)
+    client = aioredis.from_url(redis_server.url)
+    keys = Keys(namespace)
+    trainer = make_trainer(settings, client, tiny_model, tmp_path / "st")
+    await trainer.start()
+    buffer = keys.trainer("reef", "buffer")
+
+    async def reward_of(i: int) -> float:
+        raw = await client.hget(buffer, f"{1000 + i:06d}-turn")
+        assert raw is not None
+        return float(orjson.loads(raw)["reward"])
+
+    for i in range(4):
+        await trainer.on_scored(scored_turn(i, 1.0), "0-0")
+    await trainer.on_scored(revised(0, -1.0, 1), "0-0")
+    await trainer.on_scored(scored_turn(0, 1.0), "0-0")  # the first score, redelivered
+    await trainer.on_scored(revised(0, -1.0, 1), "0-0")  # the revision, redelivered
+    assert await reward_of(0) == -1.0
+    fates = trainer.metrics.samples
+    assert fates.labels("revised")._value.get() == 1
+    assert fates.labels("duplicate")._value.get() == 2
+    # A revision for a turn of the step in flight: counted as corrected (the step trains
+    # the reward it began with).
+    await client.hset(keys.trainer("reef", "state"), "inflight",
+                      orjson.dumps({"step": 1, "ids": [f"{1000 + 1:06d}-turn"]}))
+    await trainer.on_scored(revised(1, -1.0, 1), "0-0")
+    assert fates.labels("corrected")._value.get() == 1
+    await client.hdel(keys.trainer("reef", "state"), "inflight")
+    (batch,) = [await trainer._next_batch()]
+    assert batch is not None and sorted(s.reward for s in batch) == [-1.0, -1.0, 1.0, 1.0]
+    await trainer.step(batch)
+    assert [e.metrics["reward_mean"] for e in weights_events(redis_server.client(),
+                                                              namespace)] == [0.0]
+    await trainer.on_scored(revised(2, -1.0, 1), "0-0")  # trained already: a correction
+    assert fates.labels("corrected")._value.get() == 2
+    assert await client.hlen(buffer) == 0  # and never trained again
+    await client.aclose()

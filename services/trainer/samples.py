@@ -35,6 +35,8 @@ class Sample:
     """Policy version that produced it (0 = base model)."""
     group: str
     """Samples of the same prompt share a group (the baseline is their mean reward)."""
+    revision: int = 0
+    """The reward's revision (late explicit feedback supersedes a turn's first score)."""
 
 
 class NotTrainable(ValueError):
@@ -71,7 +73,7 @@ def to_sample(scored: ScoredV1, adapter_name: str) -> Sample:
                   completion=list(sampled.token_ids), logprobs=list(sampled.logprobs),
                   reward=float(scored.reward),
                   version=parse_version(scored.turn.policy_version, adapter_name),
-                  group=group)
+                  group=group, revision=scored.revision)
 
 
 def advantages(samples: list[Sample]) -> list[float]:

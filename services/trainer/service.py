@@ -82,9 +82,27 @@ POLL_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 60.0
 """Longest pause between failed tries at a step."""
 
+# Buffer a sample (KEYS[1]: the buffer or held-out hash) unless its turn was trained
+# (KEYS[2]: the "trained" marker; 0 = quarantined). A newer reward revision (ARGV[3])
+# replaces the buffered one; one for a turn already trained is only counted ("corrected"),
+# as is one for a turn of the step in flight (KEYS[3]: the state hash), which is trained
+# on the reward it had when the step began. Returns the sample's fate.
 _BUFFER_LUA = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+local revision = tonumber(ARGV[3])
+local trained = redis.call('GET', KEYS[2])
+if trained then
+  if revision > 0 and tonumber(trained) > 0 then return 'corrected' end
+  return 'duplicate'
+end
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current and (cjson.decode(current)['revision'] or 0) >= revision then return 'duplicate' end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if not current then return 'buffered' end
+local inflight = redis.call('HGET', KEYS[3], 'inflight')
+if inflight and string.find(inflight, '"' .. ARGV[1] .. '"', 1, true) then
+  return 'corrected'
+end
+return 'revised'
 """
 
 
@@ -122,7 +140,9 @@ class Trainer:
     # --- intake ---------------------------------------------------------------------------
 
     async def on_scored(self, message: Message, _entry_id: str) -> None:
-        """Buffer a trainable scored turn (idempotent: keyed by the turn id)."""
+        """Buffer a trainable scored turn (idempotent: keyed by the turn id); a later
+        reward revision of the turn replaces the buffered one, or, once the turn was
+        trained, is counted as ``corrected``."""
         if not isinstance(message, ScoredV1):
             raise Reject(f"expected scored.v1, got {message.kind}")
         if self.settings.mode == "skills_only":
@@ -143,12 +163,12 @@ class Trainer:
             return
         held_out = self.gating and is_held_out(
             sample.turn_id, self.settings.gate_holdout_every)
-        added = await self._buffer(
+        fate = (await self._buffer(
             keys=[self.holdout_key if held_out else self.buffer_key,
-                  self.keys.trained(self.adapter, sample.turn_id)],
-            args=[sample.turn_id, orjson.dumps(asdict(sample))])
-        fate = "held_out" if held_out else "buffered"
-        self.metrics.samples.labels(fate if added else "duplicate").inc()
+                  self.keys.trained(self.adapter, sample.turn_id), self.state_key],
+            args=[sample.turn_id, orjson.dumps(asdict(sample)), sample.revision])).decode()
+        self.metrics.samples.labels("held_out" if held_out and fate == "buffered"
+                                    else fate).inc()
 
     # --- the step loop --------------------------------------------------------------------
 
