@@ -142,7 +142,7 @@ async def test_a_batch_whose_process_died_each_time_is_quarantined(
     await trainer.start()
     doomed = batch(1.0, 0)
     for _ in range(3):  # three tries that never came back
-        await trainer._count_attempt([s.turn_id for s in doomed])
+        await trainer.ledger.count_attempt([s.turn_id for s in doomed])
     assert await trainer.attempt(doomed) == 0.0
     assert await client.xlen(Keys(namespace).trainer("reef", "quarantine")) == 1
     assert weights_events(redis_server.client(), namespace) == []
@@ -192,7 +192,7 @@ async def test_ten_refusals_then_a_pass_and_steps_go_on(
     for n in range(10):  # any move is refused (gate_max_shift 0)
         await trainer.step(batch(1.0, 100 + 10 * n))
     assert weights_events(redis_server.client(), namespace) == []
-    assert trainer.live.version == 0 and trainer.version == 10
+    assert trainer.ledger.live.version == 0 and trainer.ledger.version == 10
     assert _lora(trainer) == live_weights  # back on the live weights after each refusal
     trainer.settings = settings.model_copy(update={"gate_max_shift": 100.0,
                                                     "gate_tolerance": 100.0})
@@ -207,7 +207,7 @@ async def test_ten_refusals_then_a_pass_and_steps_go_on(
     await run_until(trainer, three_published)
     assert [e.version for e in weights_events(redis_server.client(), namespace)] == [11, 12, 13]
     # Only refused candidates' checkpoints are gone; v0 and the published ones stay.
-    assert sorted(trainer.kept) == [0, 11, 12, 13]
+    assert sorted(trainer.ledger.kept) == [0, 11, 12, 13]
     assert sorted(p.name for p in (tmp_path / "st").iterdir()) == [
         "v000000", "v000011", "v000012", "v000013"]
     await client.aclose()
@@ -233,13 +233,13 @@ async def test_a_restart_between_a_refusal_and_the_next_step_keeps_the_live_base
     first.settings = settings.model_copy(update={"gate_max_shift": 0.0})
     await first.step(batch(-1.0, 200))  # refused
     assert [e.version for e in weights_events(redis_server.client(), namespace)] == [1]
-    assert first.snapshot is not None
-    live_lp, live_weights = first.snapshot.live_lp, _lora(first)
+    assert first.ledger.snapshot is not None
+    live_lp, live_weights = first.ledger.snapshot.live_lp, _lora(first)
     second = make_trainer(lenient, client, tiny_model, tmp_path / "st")  # a restart
     await second.start()
-    assert second.live.version == 1 and second.version == 2
+    assert second.ledger.live.version == 1 and second.ledger.version == 2
     assert _lora(second) == live_weights  # the live version, not the refused candidate
-    assert second.snapshot is not None and second.snapshot.live_lp == live_lp
+    assert second.ledger.snapshot is not None and second.ledger.snapshot.live_lp == live_lp
     await second.step(batch(1.0, 300, version="reef-v1"))
     assert [e.version for e in weights_events(redis_server.client(), namespace)] == [1, 3]
     await client.aclose()
@@ -257,7 +257,7 @@ async def test_rollback_mid_run_then_training_goes_on_from_it(
     await trainer.start()
     for n in range(4):
         await trainer.step(batch(1.0, 100 + 10 * n, version=f"reef-v{n}" if n else "base"))
-    assert trainer.live.version == 4 and sorted(trainer.kept) == [0, 3, 4]
+    assert trainer.ledger.live.version == 4 and sorted(trainer.ledger.kept) == [0, 3, 4]
     sync = redis_server.client()
     with pytest.raises(RollbackError, match="no longer kept"):
         rollback(sync, settings, 1)  # pruned by retention
@@ -274,8 +274,8 @@ async def test_rollback_mid_run_then_training_goes_on_from_it(
     events = weights_events(sync, namespace)
     assert [e.version for e in events] == [1, 2, 3, 4, 3, 5]
     assert events[4].metrics.get("rollback") == 1.0
-    assert trainer.lineage[-2:] == [3, 5] and trainer.live.version == 5
-    assert trainer.kept[3].pinned  # a rollback target is kept for good
+    assert trainer.ledger.lineage[-2:] == [3, 5] and trainer.ledger.live.version == 5
+    assert trainer.ledger.kept[3].pinned  # a rollback target is kept for good
     assert _lora_of(tmp_path / "st" / "v000003") == v3_weights
     assert trainer.metrics.samples.labels("stale")._value.get() == 4  # v4's
     assert await client.hget(Keys(namespace).trainer("reef", "state"), "rollback") is None
@@ -304,7 +304,7 @@ async def test_retention_keeps_live_last_published_and_rollback_targets(
     for n in range(3):
         await trainer.step(batch(1.0, 100 + 10 * n))
     rollback(redis_server.client(), settings, 2)
-    await trainer._apply_rollback()
+    await trainer.ledger.apply_rollback()
     for n in range(3, 8):
         await trainer.step(batch(1.0, 100 + 10 * n))
     names = sorted(p.name for p in (tmp_path / "st").iterdir())

@@ -77,7 +77,7 @@ async def test_steps_publish_weights_and_never_retrain_a_turn(
     stopping = asyncio.Event()
     task = asyncio.create_task(trainer.run(stopping))
     deadline = time.monotonic() + 60
-    while trainer.version < 2:
+    while trainer.ledger.version < 2:
         assert time.monotonic() < deadline and not task.done()
         await asyncio.sleep(0.05)
     for message in batch:  # already trained: never buffered again
@@ -90,7 +90,7 @@ async def test_steps_publish_weights_and_never_retrain_a_turn(
     assert (Path(events[1].path) / "adapter_config.json").is_file()
     assert events[0].metrics["datums"] == 4 and "loss" in events[0].metrics
     assert await client.hlen(Keys(namespace).trainer("reef", "buffer")) == 0
-    assert trainer.version == 2
+    assert trainer.ledger.version == 2
     await client.aclose()
 
 
@@ -112,7 +112,7 @@ async def test_rl_kl_to_base_trains_even_a_batch_of_equal_rewards(
             samples = await trainer._next_batch()
             assert samples is not None
             await trainer.step(samples)
-            assert trainer.version == steps
+            assert trainer.ledger.version == steps
             events = weights_events(redis_server.client(), settings.namespace)
             assert len(events) == steps
         # The sampler's logprobs (-3, -2.5, -1) are far from the tiny base's: a KL estimate.
@@ -129,11 +129,15 @@ async def test_stale_samples_are_dropped(redis_server: RedisServer, namespace: s
     client = aioredis.from_url(redis_server.url)
     trainer = Trainer(settings, client, LocalBackend(settings, tiny_model, tmp_path / "st"),
                       TrainerMetrics.create())
-    trainer.version = 5
+    trainer.ledger.lineage = [0, 1, 2, 3, 4, 5]  # v5 is live
     for i in range(4):
         await trainer.on_scored(scored_turn(i, float(i), version="reef-v3"), "0-0")
     assert await trainer._next_batch() is None  # all four are 2 versions behind
     assert await client.hlen(Keys(namespace).trainer("reef", "buffer")) == 0
+    for i in range(4, 8):  # one version behind: fresh
+        await trainer.on_scored(scored_turn(i, float(i), version="reef-v4"), "0-0")
+    fresh = await trainer._next_batch()
+    assert fresh is not None and len(fresh) == 4
     await client.aclose()
 
 

@@ -40,6 +40,7 @@ from redis.exceptions import WatchError
 
 from services.trainer.backend import Checkpoint, Datum, StepError, TrainingBackend
 from services.trainer.gate import Snapshot, decide, mean_completion_lp, replay_datums
+from services.trainer.ledger import Ledger
 from services.trainer.metrics import TrainerMetrics
 from services.trainer.opd import Teacher, opd_advantages
 from services.trainer.samples import (
@@ -54,18 +55,11 @@ from services.trainer.samples import (
 )
 from services.trainer.state import (
     Version,
-    batch_digest,
     checkpoint_name,
     dump_kept,
     dump_snapshot,
     dump_version,
     extend_lineage,
-    keep_set,
-    load_kept,
-    load_snapshot,
-    load_version,
-    pinned,
-    rolled_back_lineage,
     snapshot_current,
     staleness,
 )
@@ -125,15 +119,8 @@ class Trainer:
         self.state_key = self.keys.trainer(self.adapter, "state")
         self.holdout_key = self.keys.trainer(self.adapter, "holdout")
         self.quarantine_key = self.keys.trainer(self.adapter, "quarantine")
-        self.snapshot: Snapshot | None = None
-        self.version = 0
-        """The number of the last committed candidate (published or refused)."""
-        self.live = Version(0, 0, "", "", published=True, pinned=True)
-        """The version served now; set from the state hash by ``run``."""
-        self.lineage: list[int] = [0]
-        self.kept: dict[int, Version] = {}
+        self.ledger = Ledger(settings, redis, self.state_key, backend, metrics)
         self._backoff = 0.0
-        self._needs_restore = False
         self._started = False
         self._buffer = redis.register_script(_BUFFER_LUA)
 
@@ -180,7 +167,7 @@ class Trainer:
         self.metrics.batch_size.set(self.settings.batch_size)
         self.metrics.last_step.set(time.time())
         checkpoint = await asyncio.to_thread(self.backend.start)
-        await self._reconcile(checkpoint)
+        await self.ledger.reconcile(checkpoint)
         if self.teacher is not None and self._probe_tokens is not None:
             await self.teacher.check_tokenizer(self._probe_tokens)
 
@@ -188,8 +175,8 @@ class Trainer:
         """Resume, then train whenever a batch is ready, until ``stopping``."""
         await self.start()
         while not stopping.is_set():
-            await self._apply_rollback()
-            if self.version >= self.settings.max_steps:
+            await self.ledger.apply_rollback()
+            if self.ledger.version >= self.settings.max_steps:
                 break
             batch = await self._next_batch()
             if batch is None:
@@ -204,7 +191,7 @@ class Trainer:
         the next try (0 after a success). A batch tried ``trainer_max_batch_failures``
         times without success is quarantined instead."""
         ids = [s.turn_id for s in batch]
-        tries, last_error = await self._count_attempt(ids)
+        tries, last_error = await self.ledger.count_attempt(ids)
         if tries > self.settings.trainer_max_batch_failures:
             await self._quarantine(batch, last_error or "the trainer died during each try")
             return 0.0
@@ -224,46 +211,10 @@ class Trainer:
         log.log(logging.WARNING if transient else logging.ERROR, "trainer.step_failed",
                 exc_info=exc, extra={"kind": kind, "turns": len(ids),
                                      "error": f"{type(exc).__name__}: {exc}"[:300]})
-        await self._settle_failure(ids, exc, transient)
+        await self.ledger.settle_failure(ids, exc, transient)
         self._backoff = min(MAX_BACKOFF_SECONDS, max(
             self.settings.trainer_retry_backoff_seconds, self._backoff * 2))
         return self._backoff
-
-    async def _settle_failure(self, ids: list[str], exc: Exception, transient: bool) -> None:
-        """Note the failure on the batch's attempt record (a transient one takes its try
-        back), drop the in-flight record, and restore the live version's weights. A
-        failure here (Redis or the backend still down) is left to the next try."""
-        try:
-            state = cast(dict[bytes, bytes], await self.redis.hgetall(self.state_key))
-            record = orjson.loads(state.get(b"attempts", b"{}"))
-            if record.get("batch") == batch_digest(ids):
-                if transient:
-                    record["tries"] = max(0, record["tries"] - 1)
-                else:
-                    record["error"] = f"{type(exc).__name__}: {exc}"[:1000]
-                await self.redis.hset(self.state_key, "attempts", orjson.dumps(record))
-            await self._drop_inflight(state)
-            self._load(state)
-            await asyncio.to_thread(self.backend.restore, self.live.checkpoint())
-        except Exception as again:  # noqa: BLE001 - the next try settles it
-            log.warning("trainer.recovery_failed",
-                        extra={"error": f"{type(again).__name__}: {again}"[:300]})
-            self._needs_restore = True
-
-    async def _count_attempt(self, ids: list[str]) -> tuple[int, str]:
-        """Record one more try at this batch (durably, before training, so that a
-        process dying mid-step counts); returns the tries so far and the last error."""
-        if self._needs_restore:
-            await asyncio.to_thread(self.backend.restore, self.live.checkpoint())
-            self._needs_restore = False
-        digest = batch_digest(ids)
-        raw = await self.redis.hget(self.state_key, "attempts")
-        record = orjson.loads(raw) if raw else {}
-        if record.get("batch") != digest:
-            record = {"batch": digest, "tries": 0, "error": ""}
-        record["tries"] += 1
-        await self.redis.hset(self.state_key, "attempts", orjson.dumps(record))
-        return int(record["tries"]), str(record["error"])
 
     async def _quarantine(self, batch: list[Sample], reason: str) -> None:
         """Set a batch aside for good: its samples go to the quarantine stream with the
@@ -297,7 +248,7 @@ class Trainer:
         samples = [Sample(**orjson.loads(v)) for v in raw.values()]
         stale = []
         for sample in samples:
-            back = staleness(self.lineage, sample.version)
+            back = staleness(self.ledger.lineage, sample.version)
             if back is None or back > self.settings.max_staleness:
                 stale.append(sample.turn_id)
         if stale:
@@ -317,7 +268,7 @@ class Trainer:
             await self.redis.hdel(self.buffer_key, *ids)
             self.metrics.samples.labels("zero_advantage").inc(len(ids))
             return
-        number = self.version + 1
+        number = self.ledger.version + 1
         await self.redis.hset(self.state_key, "inflight",
                               orjson.dumps({"step": number, "ids": ids}))
         snapshot = await self._gate_snapshot()
@@ -333,7 +284,7 @@ class Trainer:
         refusal = self._judge(snapshot, candidate_lp, summary)
         candidate = Version.of(number, checkpoint, published=refusal is None)
         if not await self._commit(ids, candidate, summary, started, batch_at, refusal):
-            await self._drop_inflight(None)  # a rollback came first: it wins
+            await self.ledger.drop_inflight(None)  # a rollback came first: it wins
             return
         await self._after_commit(candidate, refusal)
 
@@ -423,16 +374,16 @@ class Trainer:
         in the state hash, so that a restart compares with the same live version."""
         if not self.gating:
             return None
-        if self.snapshot is None:
+        if self.ledger.snapshot is None:
             samples = await self._holdout()
             if len(samples) >= 2:
                 logprobs = await asyncio.to_thread(self.backend.logprobs,
                                                    replay_datums(samples))
-                self.snapshot = Snapshot(samples, mean_completion_lp(samples, logprobs),
-                                         self.live.version)
+                self.ledger.snapshot = Snapshot(samples, mean_completion_lp(samples, logprobs),
+                                         self.ledger.live.version)
                 await self.redis.hset(self.state_key, "snapshot",
-                                      dump_snapshot(self.snapshot))
-        return self.snapshot
+                                      dump_snapshot(self.ledger.snapshot))
+        return self.ledger.snapshot
 
     async def _holdout(self) -> list[Sample]:
         raw = cast(dict[bytes, bytes], await self.redis.hgetall(self.holdout_key))
@@ -452,9 +403,9 @@ class Trainer:
         rollback request is pending or arrives meanwhile (``WATCH`` on the state hash)."""
         publish = refusal is None
         number = candidate.version
-        kept = {**self.kept, number: candidate}
-        lineage = (extend_lineage(self.lineage, number, self.settings.max_staleness)
-                   if publish else self.lineage)
+        kept = {**self.ledger.kept, number: candidate}
+        lineage = (extend_lineage(self.ledger.lineage, number, self.settings.max_staleness)
+                   if publish else self.ledger.lineage)
         async with self.redis.pipeline(transaction=True) as pipe:
             await pipe.watch(self.state_key)
             if await pipe.hexists(self.state_key, "rollback"):
@@ -480,7 +431,7 @@ class Trainer:
                 await pipe.execute()
             except WatchError:
                 return False
-        self.version, self.kept, self.lineage = number, kept, lineage
+        self.ledger.version, self.ledger.kept, self.ledger.lineage = number, kept, lineage
         self._observe_commit(len(ids), summary, started)
         log.info("trainer.step_committed", extra={"step": number, "published": publish,
                                                   **summary})
@@ -507,123 +458,18 @@ class Trainer:
         """Go live with a published candidate, or back to the live weights after a
         refusal; then apply retention."""
         if refusal is None:
-            self.live = candidate
+            self.ledger.live = candidate
             self.metrics.live_version.set(candidate.version)
-            if self.snapshot and not snapshot_current(self.snapshot, self.lineage,
-                                                      self.settings.gate_refresh_steps):
-                self.snapshot = None  # rebuilt from newer held-out turns
+            ledger = self.ledger
+            if ledger.snapshot and not snapshot_current(ledger.snapshot, ledger.lineage,
+                                                        self.settings.gate_refresh_steps):
+                ledger.snapshot = None  # rebuilt from newer held-out turns
             await asyncio.to_thread(self.backend.pin, candidate.checkpoint())
         else:
             log.warning("trainer.gate_refused", extra={"step": candidate.version,
                                                        "reason": refusal})
-            await asyncio.to_thread(self.backend.restore, self.live.checkpoint())
-        await self._retain()
-
-    async def _retain(self) -> None:
-        """Delete the checkpoints retention does not keep (state first, then storage: a
-        checkpoint is forgotten only once it is deleted, so a failure is retried)."""
-        raw = await self.redis.hget(self.state_key, "rollback")
-        wanted = orjson.loads(raw)["version"] if raw else None
-        keep = keep_set(self.kept, self.live.version, self.settings.checkpoint_keep_published,
-                        wanted)
-        gone = []
-        for number in sorted(set(self.kept) - keep):
-            try:
-                await asyncio.to_thread(self.backend.delete, self.kept[number].checkpoint())
-            except (StepError, OSError) as exc:
-                log.warning("trainer.checkpoint_delete_failed",
-                            extra={"step": number, "error": f"{type(exc).__name__}: {exc}"})
-                continue
-            gone.append(number)
-        if gone:
-            self.kept = {v: info for v, info in self.kept.items() if v not in gone}
-            await self.redis.hset(self.state_key, "kept", dump_kept(self.kept))
-        self.metrics.checkpoints_kept.set(len(self.kept))
-
-    # --- start, rollback ------------------------------------------------------------------
-
-    def _load(self, state: dict[bytes, bytes]) -> None:
-        """Take the committed step, the live version, lineage and kept checkpoints from
-        the state hash (when it has them)."""
-        live = load_version(state.get(b"live"))
-        if live is None:
-            return
-        self.live = live
-        self.version = int(state.get(b"step", b"0"))
-        self.lineage = orjson.loads(state.get(b"lineage", b"[]")) or [live.version]
-        self.kept = load_kept(state.get(b"kept")) or {live.version: live}
-
-    async def _reconcile(self, resumed: Checkpoint | None) -> None:
-        """After ``backend.start``: make the backend hold the live version, drop a
-        candidate that was never committed, reload the gate's snapshot."""
-        state = cast(dict[bytes, bytes], await self.redis.hgetall(self.state_key))
-        if b"live" not in state:
-            await self._first_live(resumed, int(state.get(b"step", b"0")))
-            state = cast(dict[bytes, bytes], await self.redis.hgetall(self.state_key))
-        self._load(state)
-        if resumed is None or resumed.state_path != self.live.state_path:
-            await asyncio.to_thread(self.backend.restore, self.live.checkpoint())
-        await self._drop_inflight(state)
-        snapshot = load_snapshot(state.get(b"snapshot"))
-        if snapshot and snapshot_current(snapshot, self.lineage,
-                                         self.settings.gate_refresh_steps):
-            self.snapshot = snapshot
-        self.metrics.live_version.set(self.live.version)
-        await self._retain()
-
-    async def _first_live(self, resumed: Checkpoint | None, committed: int) -> None:
-        """No live version recorded: a new adapter (its fresh weights are version 0), or
-        state from before versions were recorded (what the backend resumed is live)."""
-        if resumed is None:
-            resumed, number = await asyncio.to_thread(self.backend.save,
-                                                      checkpoint_name(0)), 0
-        else:
-            number = committed or resumed.step
-            log.warning("trainer.live_adopted", extra={"step": number})
-        live = Version.of(number, resumed, published=True, pinned=True)
-        await self.redis.hset(self.state_key, mapping={
-            "step": number, "live": dump_version(live), "lineage": orjson.dumps([number]),
-            "kept": dump_kept({number: live})})
-
-    async def _drop_inflight(self, state: dict[bytes, bytes] | None) -> None:
-        """Forget an uncommitted step; its saved candidate (if any) goes to retention."""
-        raw = (state or {}).get(b"inflight") if state is not None else await self.redis.hget(
-            self.state_key, "inflight")
-        if not raw:
-            return
-        inflight = orjson.loads(raw)
-        await self.redis.hdel(self.state_key, "inflight")
-        if "candidate" in inflight and inflight["step"] not in self.kept:
-            self.kept[inflight["step"]] = Version.of(inflight["step"],
-                                                     Checkpoint(**inflight["candidate"]))
-
-    async def _apply_rollback(self) -> None:
-        """Apply a pending ``reef rollback N``: N becomes the live version (kept for
-        good), the backend goes back to N's state, and training goes on from there."""
-        raw = await self.redis.hget(self.state_key, "rollback")
-        if not raw:
-            return
-        number = int(orjson.loads(raw)["version"])
-        target = self.kept.get(number)
-        if target is None or not target.published:
-            log.error("trainer.rollback_unknown", extra={"step": number,
-                                                         "kept": sorted(self.kept)})
-            await self.redis.hdel(self.state_key, "rollback")
-            return
-        await asyncio.to_thread(self.backend.restore, target.checkpoint())
-        self.live = self.kept[number] = pinned(target)
-        self.lineage = rolled_back_lineage(self.lineage, number)
-        self.snapshot = None
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.state_key, mapping={
-                "live": dump_version(self.live), "lineage": orjson.dumps(self.lineage),
-                "kept": dump_kept(self.kept)})
-            pipe.hdel(self.state_key, "rollback", "snapshot", "attempts")
-            await pipe.execute()
-        self.metrics.rollbacks.inc()
-        self.metrics.live_version.set(number)
-        log.warning("trainer.rolled_back", extra={"step": number})
-        await self._retain()
+            await self.ledger.restore_live()
+        await self.ledger.retain()
 
 
 async def _wait(stopping: asyncio.Event, seconds: float) -> None:
