@@ -18,12 +18,17 @@ WEIGHTS = "weights"
 """Stream of new-adapter events (``weights.v1``); the policy server and gateways follow it."""
 FINALISED = "finalised"
 """Scorer-internal stream of turns whose follow-up is known (``finalised.v1``)."""
+FEEDBACK = "feedback"
+"""Stream of explicit-feedback events (``feedback.v1``); produced by the gateway, read by
+the scorer, which re-scores the turns named that were already scored."""
 DEAD_SUFFIX = ":dead"
 """Appended to a stream's key to name its dead-letter stream."""
 
 GROUP_SCORER = "scorer"
 GROUP_JUDGE = "scorer-judge"
 """The scorer's second stage: scores ``finalised`` entries."""
+GROUP_FEEDBACK = "scorer-feedback"
+"""The scorer's late-feedback stage: re-scores already scored turns on ``feedback``."""
 GROUP_SKILL_MINER = "skill-miner"
 GROUP_TRAINER = "trainer"
 
@@ -46,6 +51,11 @@ class Keys:
         """Counter of turns recorded in a session (INCR gives the next index)."""
         return f"{self.namespace}:session:{tenant}:{session_id}:turns"
 
+    def session_responses(self, tenant: str, session_id: str) -> str:
+        """Hash of a session's recorded turns by answer: response id -> turn index
+        (written with the turn counter, expiring with it)."""
+        return f"{self.namespace}:session:{tenant}:{session_id}:responses"
+
     def dedupe(self, kind: str, message_id: str) -> str:
         """Marker that a message id was already produced (idempotent replay)."""
         return f"{self.namespace}:seen:{kind}:{message_id}"
@@ -59,6 +69,12 @@ class Keys:
     def session_turns(self, tenant: str, session_id: str) -> str:
         """Hash of a session's turns seen by the scorer and not yet finalised (by index)."""
         return f"{self.namespace}:session:{tenant}:{session_id}:pending"
+
+    def session_scored(self, tenant: str, session_id: str) -> str:
+        """Hash of a session's scored turns, kept ``feedback_window_seconds`` for late
+        feedback: turn index -> compact JSON (the first ``scored`` entry's stream id,
+        reward, components, revision; see ``services.scorer.revise``)."""
+        return f"{self.namespace}:session:{tenant}:{session_id}:scored"
 
     def idle_sessions(self) -> str:
         """Sorted set: session-turns key -> time of its last turn (for idle finalisation)."""

@@ -145,6 +145,37 @@ class ScoredV1(Message):
     rationale: str = ""
     trainable: bool = True
     teacher_hint: str | None = None
+    revision: int = Field(0, ge=0)
+    """0 for a turn's first score; each superseding entry (explicit feedback that came
+    after the turn was scored) has the previous revision + 1 and the id
+    ``scored_id(turn.id, revision)``. Consumers keep the newest revision of a turn; a
+    revision is not a second turn."""
+    previous_reward: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    """On a revision, the reward of the revision it supersedes (None on revision 0, or
+    when that one was unscored)."""
+
+
+def scored_id(turn_id: str, revision: int) -> str:
+    """The message id of a turn's ``scored.v1`` entry at ``revision``: the turn's id for
+    the first score (so a replayed first score is recognised), ``<turn id>:r<n>`` after."""
+    return turn_id if revision == 0 else f"{turn_id}:r{revision}"
+
+
+class FeedbackV1(Message):
+    """Explicit feedback was stored (``POST /v1/feedback``): the scorer re-scores the
+    already scored turns it names. The feedback itself (score, text) stays in the
+    session's feedback hash (``Keys.feedback``), the one place the scorer reads it from;
+    the id is the feedback's own (``fb-...``)."""
+
+    kind: Literal["feedback.v1"] = "feedback.v1"
+    tenant: str
+    session_id: str
+    target: str
+    """The feedback hash field written: ``turn:<response id>``, ``index:<n>`` or
+    ``session`` (every turn of the session)."""
+    turn_index: int | None = None
+    """The turn named (for ``turn:`` targets, resolved from the response id by the
+    gateway); None for the whole session."""
 
 
 class SkillEventV1(Message):
@@ -175,7 +206,7 @@ class WeightsEventV1(Message):
 
 MESSAGE_KINDS: dict[str, type[Message]] = {
     m.model_fields["kind"].default: m
-    for m in (TurnV1, FinalisedV1, ScoredV1, SkillEventV1, WeightsEventV1)
+    for m in (TurnV1, FinalisedV1, ScoredV1, SkillEventV1, WeightsEventV1, FeedbackV1)
 }
 """Every kind a consumer may meet, by name."""
 

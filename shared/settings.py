@@ -149,6 +149,10 @@ class Settings(BaseSettings):
     when it is back. Default: ``<data_dir>/spool/turns.jsonl``."""
     recorder_batch_size: int = 256
     """Turns sent to Redis in one pipeline by the gateway's background recorder."""
+    feedback_not_found_wait_seconds: float = Field(1.5, ge=0.0, le=30.0)
+    """How long feedback naming a session, answer or turn not found yet keeps looking for
+    it (after this gateway's recorder flushed what it holds) before answering 404: the
+    window for a turn that another gateway replica is still recording."""
     adapter_unload_grace_seconds: float = 60.0
     """After a hot swap, the previous adapter is unloaded this much later (requests that
     started on it finish first)."""
@@ -226,6 +230,11 @@ class Settings(BaseSettings):
     components present)."""
     explicit_overrides: bool = True
     """Explicit feedback (``POST /v1/feedback``) replaces the other components."""
+    feedback_window_seconds: int = Field(7 * 24 * 3600, ge=60)
+    """How long feedback may still change a turn's reward: explicit feedback on a turn
+    scored at most this long ago produces a superseding ``scored`` entry (a new reward
+    revision). Also how long a session's turn counter and response ids live after its
+    last turn (or feedback): feedback naming a session or answer older than that is a 404."""
     train_side_turns: bool = False
     """Side turns (heartbeats, memory, cron) are recorded; trained on only if this is set."""
     session_idle_seconds: float = 600.0
