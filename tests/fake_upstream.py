@@ -10,6 +10,7 @@ received is kept in ``requests``; cancelled streams are counted in ``disconnects
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import orjson
@@ -18,6 +19,9 @@ from starlette.responses import Response, StreamingResponse
 
 from tests.threaded_server import ThreadedServer
 
+_IDS = itertools.count()
+"""Completion ids are unique (``chatcmpl-fake-<n>``), as a real upstream's are: feedback
+names answers by them."""
 TEXT_PIECES = ["Hello", ", this", " is", " Reef's", " fake", " upstream."]
 TOOL_CALL = {"id": "call_abc123", "type": "function",
              "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}
@@ -123,7 +127,8 @@ class FakeUpstream:
         if model == "fake-reasoning":
             message["reasoning_content"] = "Think first."
         choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
-        data: dict[str, Any] = {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1,
+        data: dict[str, Any] = {"id": f"chatcmpl-fake-{next(_IDS)}",
+                                "object": "chat.completion", "created": 1,
                                 "model": model, "choices": [choice],
                                 "usage": {"prompt_tokens": 7, "completion_tokens": 6,
                                           "total_tokens": 13}}
@@ -136,7 +141,7 @@ class FakeUpstream:
         return data
 
     async def _stream(self, body: dict[str, Any]):  # type: ignore[no-untyped-def]
-        model, rid = body["model"], "chatcmpl-fake"
+        model, rid = body["model"], f"chatcmpl-fake-{next(_IDS)}"
         delay = 0.3 if model == "fake-slow" else 0.0
         try:
             yield _chunk(rid, model, {"role": "assistant", "content": ""})

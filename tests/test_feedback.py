@@ -14,7 +14,8 @@ import orjson
 import pytest
 import redis
 
-from shared.keys import Keys
+from shared.keys import FEEDBACK, Keys
+from shared.messages import FeedbackV1, decode
 from tests.conftest import RedisServer
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_proc import API_KEY, OTHER_KEY, GatewayProcess
@@ -46,11 +47,26 @@ def session_id() -> str:
     return "s-" + uuid.uuid4().hex[:12]
 
 
+def start_session(gateway: GatewayProcess, session_id: str, turns: int = 1,
+                  key: str = API_KEY) -> list[str]:
+    """Chat ``turns`` turns in a session, so that feedback may name it; the answers' ids."""
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+    return [client.chat.completions.create(
+        model="fake-text", messages=[{"role": "user", "content": f"Question {i}"}],
+        extra_headers={"X-Session-Id": session_id}).id for i in range(turns)]
+
+
 def stored(redis_server: RedisServer, tenant: str, session_id: str) -> dict[str, Any]:
     """The feedback hash of a session, values parsed."""
     client = redis.Redis(port=redis_server.port, decode_responses=True)
     raw = client.hgetall(KEYS.feedback(tenant, session_id))
     return {str(k): orjson.loads(v) for k, v in raw.items()}
+
+
+def events(redis_server: RedisServer) -> list[FeedbackV1]:
+    """The feedback events the gateway appended."""
+    found = [decode(f) for _, f in redis_server.client().xrange(KEYS.stream(FEEDBACK))]
+    return [e for e in found if isinstance(e, FeedbackV1)]
 
 
 def assert_error(resp: httpx.Response, status: int, param: str | None) -> dict[str, Any]:
@@ -86,10 +102,16 @@ def test_thumbs_up_on_a_completion_the_client_received(
     assert before - 1 <= record[target]["created_at"] <= time.time() + 1
     ttl = redis_server.client().ttl(KEYS.feedback("alpha", session_id))
     assert 7 * 24 * 3600 - 60 < ttl <= 7 * 24 * 3600
+    # The event the scorer acts on: no score or text in it, the turn resolved.
+    [event] = [e for e in events(redis_server) if e.id == body["id"]]
+    assert (event.tenant, event.session_id, event.target, event.turn_index) == (
+        "alpha", session_id, target, 0)
 
 
 def test_score_on_a_turn_index_with_the_session_from_the_header(
-        http: httpx.Client, redis_server: RedisServer, session_id: str) -> None:
+        gateway: GatewayProcess, http: httpx.Client, redis_server: RedisServer,
+        session_id: str) -> None:
+    start_session(gateway, session_id, turns=4)
     resp = http.post("/v1/feedback", json={"turn_index": 3, "score": -0.5,
                                            "client_version": "1.2"},  # unknown: ignored
                      headers={"X-Session-Id": session_id})
@@ -102,19 +124,23 @@ def test_score_on_a_turn_index_with_the_session_from_the_header(
 
 
 def test_session_level_feedback_and_targets_side_by_side(
-        http: httpx.Client, redis_server: RedisServer, session_id: str) -> None:
+        gateway: GatewayProcess, http: httpx.Client, redis_server: RedisServer,
+        session_id: str) -> None:
+    [answer_id] = start_session(gateway, session_id)
     assert http.post("/v1/feedback", json={"session_id": session_id, "rating": "down"}
                      ).json()["target"] == "session"
     http.post("/v1/feedback", json={"session_id": session_id, "turn_index": 0, "score": 1})
-    http.post("/v1/feedback", json={"session_id": session_id, "response_id": "chatcmpl-x",
+    http.post("/v1/feedback", json={"session_id": session_id, "response_id": answer_id,
                                     "score": 0.25})
     record = stored(redis_server, "alpha", session_id)
     assert {k: v["score"] for k, v in record.items()} == {
-        "session": -1.0, "index:0": 1.0, "turn:chatcmpl-x": 0.25}
+        "session": -1.0, "index:0": 1.0, f"turn:{answer_id}": 0.25}
 
 
 def test_later_feedback_on_the_same_target_wins(
-        http: httpx.Client, redis_server: RedisServer, session_id: str) -> None:
+        gateway: GatewayProcess, http: httpx.Client, redis_server: RedisServer,
+        session_id: str) -> None:
+    start_session(gateway, session_id, turns=2)
     first = http.post("/v1/feedback", json={"session_id": session_id, "turn_index": 1,
                                             "rating": "up"}).json()
     second = http.post("/v1/feedback", json={"session_id": session_id, "turn_index": 1,
@@ -141,7 +167,9 @@ def test_refused_without_a_valid_key(gateway: GatewayProcess, redis_server: Redi
 
 def test_feedback_lands_under_the_callers_tenant_only(
         gateway: GatewayProcess, redis_server: RedisServer, session_id: str) -> None:
-    # Tenant alpha's session exists; a key of tenant beta names the same session id.
+    # Each tenant has a session of this id: the same id from two tenants is two sessions.
+    start_session(gateway, session_id, key=API_KEY)
+    start_session(gateway, session_id, key=OTHER_KEY)
     resp = httpx.post(gateway.url + "/v1/feedback",
                       headers={"Authorization": f"Bearer {API_KEY}"},
                       json={"session_id": session_id, "turn_index": 0, "rating": "up"})
@@ -195,8 +223,76 @@ def test_an_oversized_body_is_a_413(http: httpx.Client) -> None:
     assert_error(http.post("/v1/feedback", json=body), 413, None)
 
 
+# --- feedback naming nothing: 404 -------------------------------------------------------
+
+def assert_not_found(resp: httpx.Response, param: str) -> None:
+    error = assert_error(resp, 404, param)
+    assert error["code"] == "not_found" and error["type"] == "not_found_error"
+
+
+def test_feedback_on_a_session_that_does_not_exist_is_a_404(
+        gateway: GatewayProcess, http: httpx.Client, redis_server: RedisServer,
+        session_id: str) -> None:
+    started = time.monotonic()
+    assert_not_found(http.post("/v1/feedback", json={"session_id": session_id,
+                                                     "rating": "up"}), "session_id")
+    assert time.monotonic() - started < 5  # a bounded wait for a turn being recorded
+    assert_not_found(http.post("/v1/feedback", json={"turn_index": 0, "rating": "up"},
+                               headers={"X-Session-Id": session_id}), "session_id")
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as err:  # what the official client raises
+        client.post("/feedback", cast_to=httpx.Response,
+                    body={"session_id": session_id, "rating": "down"})
+    assert err.value.code == "not_found"
+    assert stored(redis_server, "alpha", session_id) == {}
+    assert [e for e in events(redis_server) if e.session_id == session_id] == []
+
+
+def test_feedback_on_an_answer_or_turn_not_in_the_session_is_a_404(
+        gateway: GatewayProcess, http: httpx.Client, redis_server: RedisServer,
+        session_id: str) -> None:
+    [answer_id] = start_session(gateway, session_id)
+    [elsewhere] = start_session(gateway, session_id + "-other")
+    for response_id in ("chatcmpl-never-answered", elsewhere):
+        assert_not_found(http.post("/v1/feedback", json={
+            "session_id": session_id, "response_id": response_id, "rating": "up"}),
+            "response_id")
+    assert_not_found(http.post("/v1/feedback", json={
+        "session_id": session_id, "turn_index": 1, "rating": "up"}), "turn_index")
+    assert stored(redis_server, "alpha", session_id) == {}
+    resp = http.post("/v1/feedback", json={"session_id": session_id, "response_id": answer_id,
+                                           "rating": "up"})
+    assert resp.status_code == 200, resp.text
+
+
+def test_feedback_on_another_tenants_session_is_a_404(
+        gateway: GatewayProcess, redis_server: RedisServer, session_id: str) -> None:
+    [answer_id] = start_session(gateway, session_id, key=API_KEY)  # alpha's session
+    for body in ({"session_id": session_id, "rating": "down"},
+                 {"session_id": session_id, "response_id": answer_id, "rating": "down"}):
+        resp = httpx.post(gateway.url + "/v1/feedback", json=body,
+                          headers={"Authorization": f"Bearer {OTHER_KEY}"})
+        assert_not_found(resp, "session_id")
+    assert stored(redis_server, "beta", session_id) == {}
+    assert stored(redis_server, "alpha", session_id) == {}
+
+
+def test_session_keys_expire_with_the_session(
+        gateway: GatewayProcess, redis_server: RedisServer, session_id: str) -> None:
+    [answer_id] = start_session(gateway, session_id)
+    client, window = redis_server.client(), 7 * 24 * 3600
+    for key in (KEYS.turn_index("alpha", session_id),
+                KEYS.session_responses("alpha", session_id)):
+        assert window - 60 < client.ttl(key) <= window, key
+    assert client.hget(KEYS.session_responses("alpha", session_id), answer_id) == b"0"
+
+
+# Last in the module: the gateway's pool keeps connections from before the restart, and
+# each one fails once (a 503 the client retries) when next used.
 def test_redis_down_is_a_503_and_feedback_works_again_after(
-        http: httpx.Client, redis_server: RedisServer, session_id: str) -> None:
+        gateway: GatewayProcess, http: httpx.Client, redis_server: RedisServer,
+        session_id: str) -> None:
+    start_session(gateway, session_id)
     redis_server.kill()
     try:
         started = time.monotonic()

@@ -47,8 +47,10 @@ def gateway(redis_server: RedisServer, upstream: FakeUpstream,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     gw = GatewayProcess(redis_server.url, upstream.base_url, "fuzz",
                         tmp_path_factory.mktemp("gateway"),
-                        # A loaded CI machine must not turn a slow fake answer into a 504.
-                        env={"REEF_ADMIN_KEY": ADMIN_KEY, "REEF_UPSTREAM_TIMEOUT_SECONDS": "30"})
+                        # A loaded CI machine must not turn a slow fake answer into a 504;
+                        # fuzzed feedback names sessions that never existed: 404 at once.
+                        env={"REEF_ADMIN_KEY": ADMIN_KEY, "REEF_UPSTREAM_TIMEOUT_SECONDS": "30",
+                             "REEF_FEEDBACK_NOT_FOUND_WAIT_SECONDS": "0"})
     gw.start()
     yield gw
     gw.stop()

@@ -3,7 +3,7 @@ scorer run as processes on a real Redis, the agent is the official ``openai`` cl
 
 Boundaries covered here: sessions (the same ``X-Session-Id`` from two tenants is two
 sessions), turns (recorded with their tenant; the scorer scores each from its own
-tenant's next message), feedback (one tenant's feedback never scores another's turn) and
+tenant's next message), feedback (a tenant cannot name another's answer: a 404) and
 adapters (a tenant's adapter never answers another tenant, not even when asked by name,
 and is not listed to it). Covered elsewhere, not repeated: skills
 (``test_skill_injection.test_one_tenants_skills_never_reach_another_tenant``: the
@@ -115,10 +115,12 @@ def test_two_tenants_cannot_cross(stack: tuple[GatewayProcess, ServiceProcess],
     assert [turns[t].turn_index for t in ("alpha", "beta")] == [0, 0]
     assert turns["alpha"].session_id == turns["beta"].session_id == SESSION
 
-    # Feedback: beta names alpha's session and alpha's answer; it lands in beta's tenant.
-    resp = beta.post("/feedback", cast_to=object, body={
-        "session_id": SESSION, "response_id": alpha_answer, "rating": "up"})
-    assert isinstance(resp, dict) and resp["target"] == f"turn:{alpha_answer}"
+    # Feedback: beta names alpha's answer in the session id both use: beta's session has
+    # no such answer (a 404), and nothing lands anywhere.
+    with pytest.raises(openai.NotFoundError) as missing:
+        beta.post("/feedback", cast_to=object, body={
+            "session_id": SESSION, "response_id": alpha_answer, "rating": "up"})
+    assert missing.value.code == "not_found"
 
     # Each tenant's next message scores its own turn only: alpha corrects, beta thanks.
     ask(alpha, "That's wrong, not what I asked: I wanted it in place.", alpha_history, True)

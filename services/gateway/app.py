@@ -59,7 +59,8 @@ def build_gateway(settings: Settings, metrics: GatewayMetrics | None = None) -> 
     upstream = Upstream(settings, metrics)
     recorder = Recorder(redis, Keys(settings.namespace), settings.resolved_spool_path(),
                         metrics, settings.stream_maxlen, settings.dedupe_ttl_seconds,
-                        settings.recorder_batch_size)
+                        settings.recorder_batch_size,
+                        session_ttl=settings.feedback_window_seconds)
     router = AdapterRouter(settings, redis, upstream, metrics)
     skills = SkillInjector(settings, redis, metrics) if settings.use_skills else None
     return Gateway(settings, metrics, Authenticator(settings), redis, upstream, recorder,
@@ -103,8 +104,8 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> ASG
 
 
 def _add_routes(app: FastAPI, gw: Gateway) -> None:
-    feedback = FeedbackHandler(gw.auth, gw.redis, Keys(gw.settings.namespace),
-                               gw.settings.dedupe_ttl_seconds)
+    feedback = FeedbackHandler(gw.auth, gw.redis, Keys(gw.settings.namespace), gw.recorder,
+                               gw.settings)
 
     @app.post(FEEDBACK_PATH)
     async def post_feedback(request: Request) -> Response:

@@ -25,9 +25,37 @@ its own tenant's sessions. Fields:
 
 Each value is JSON ``{"score": float, "text": str | null, "created_at": float,
 "id": str}``. A later feedback on the same target replaces the earlier one (last word
-wins). The hash expires ``dedupe_ttl_seconds`` after the last feedback written to it.
-When the scorer scores a turn it reads the hash and takes the first field present of
+wins). The hash expires ``feedback_window_seconds`` after the last feedback written to
+it. When the scorer scores a turn it reads the hash and takes the first field present of
 ``turn:<turn.response_id>``, ``index:<turn.turn_index>``, ``session``.
+
+In the same transaction a ``feedback.v1`` event (``FeedbackV1``: the target and the turn
+index it names, no score or text) is appended to the ``feedback`` stream. The scorer
+consumes it and, for a turn it already scored within ``feedback_window_seconds``,
+publishes a superseding ``scored`` entry with the reward recombined (see
+``services.scorer.revise``); a turn not scored yet simply reads the hash when it is.
+
+Sessions and answers that do not exist: 404
+-------------------------------------------
+A session exists while the recorder's turn counter (``Keys.turn_index``) does; a
+response id exists when the recorder noted it in the session's ``Keys.session_responses``
+hash; a turn index exists when it is below the counter. All three expire
+``feedback_window_seconds`` after the session's last turn (the recorder's Lua refreshes
+them; feedback refreshes them too) -- that setting, not ``dedupe_ttl_seconds``: the
+counter is what makes a session nameable, so it lives as long as feedback may count.
+Anything else is a 404 (``code: "not_found"``, ``param`` naming the field), also when
+another tenant has a session of that id.
+
+The race: a client may send feedback milliseconds after its answer. The chat route
+sends an answer's last bytes only once its turn is in Redis (``DURABLE_WAIT_SECONDS``,
+bounded), so before a 404 this gateway waits for its own recorder to flush what it
+holds (``FLUSH_WAIT_SECONDS``) and re-checks for up to ``feedback_not_found_wait_seconds``
+(1.5 s); while its recorder is spooling (Redis was unreachable) it answers 503 instead.
+What remains is the cross-replica window: feedback sent to this replica for a turn
+another replica still holds longer than that -- a streamed answer whose id the client
+read from an early chunk before ``[DONE]``, a recorder slower than
+``DURABLE_WAIT_SECONDS``, or a replica spooling while Redis is unreachable from it only.
+Such feedback is a 404; the client may retry it once the answer is complete.
 
 If Redis cannot be reached the answer is a 503 (the client may retry); feedback is
 small and not worth a local spool like the chat route's turns.
@@ -38,6 +66,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import orjson
@@ -50,9 +80,11 @@ from starlette.responses import Response
 
 from services.gateway.auth import Authenticator
 from services.gateway.errors import APIError
+from services.gateway.recorder import Recorder
 from services.gateway.request import parse_json, read_limited
-from shared.keys import Keys
-from shared.messages import new_id
+from shared.keys import FEEDBACK, Keys
+from shared.messages import FeedbackV1, new_id
+from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +96,18 @@ WRITE_TIMEOUT_SECONDS = 3.0
 """Longest a feedback write waits for Redis (the client's own retries take over then)."""
 SCORES = {"up": 1.0, "down": -1.0}
 """The score of each thumbs rating."""
+FLUSH_WAIT_SECONDS = 2.0
+"""Longest feedback naming something not found waits for this gateway's recorder to
+flush (the chat route's own bound, ``DURABLE_WAIT_SECONDS``)."""
+RECHECK_SECONDS = 0.25
+"""Pause between two checks while waiting."""
+NOT_FOUND = {
+    "session_id": "No session with this id in your tenant (or it ended more than "
+                  "feedback_window_seconds ago).",
+    "response_id": "No answer with this id in the session.",
+    "turn_index": "No turn with this index in the session.",
+}
+"""The 404 message for each field that names something missing."""
 
 
 class FeedbackRequest(BaseModel):
@@ -125,41 +169,102 @@ def read_feedback(raw: bytes, header_session: str | None) -> FeedbackRequest:
 
 
 class FeedbackHandler:
-    """Handles ``POST /v1/feedback``: authenticate, check, store under the caller's tenant."""
+    """Handles ``POST /v1/feedback``: authenticate, check, find the session and turn in
+    the caller's tenant, store the feedback and its event."""
 
     def __init__(self, auth: Authenticator, redis: aioredis.Redis, keys: Keys,
-                 ttl_seconds: int) -> None:
+                 recorder: Recorder, settings: Settings) -> None:
         self._auth = auth
         self._redis = redis
         self._keys = keys
-        self._ttl = ttl_seconds
+        self._recorder = recorder
+        self._ttl = settings.feedback_window_seconds
+        self._maxlen = settings.stream_maxlen
+        self._wait = settings.feedback_not_found_wait_seconds
 
     async def __call__(self, request: Request) -> Response:
         caller = self._auth(request.headers)
         raw = await read_limited(request.stream(), MAX_BODY_BYTES)
         req = read_feedback(raw, request.headers.get("x-session-id"))
+        turn_index = await self._find(caller.tenant, req)
         feedback_id = "fb-" + new_id()
         target = req.target()
         score = req.value()
         value = orjson.dumps({"score": score, "text": req.text, "created_at": time.time(),
                               "id": feedback_id})
-        await self._store(self._keys.feedback(caller.tenant, req.session_id), target, value)
+        event = FeedbackV1(id=feedback_id, tenant=caller.tenant, session_id=req.session_id,
+                           target=target, turn_index=turn_index)
+        await self._store(caller.tenant, req.session_id, target, value, event)
         log.info("feedback_recorded", extra={"tenant": caller.tenant,
                                              "target": target.split(":", 1)[0]})
         body = {"object": "feedback", "id": feedback_id, "session_id": req.session_id,
                 "target": target, "score": score}
         return Response(orjson.dumps(body), media_type="application/json")
 
-    async def _store(self, key: str, field: str, value: bytes) -> None:
-        """HSET and EXPIRE in one transaction; a 503 if Redis cannot be reached in time."""
-        try:
-            async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
-                async with self._redis.pipeline(transaction=True) as pipe:
-                    pipe.hset(key, field, value)
-                    pipe.expire(key, self._ttl)
-                    await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("feedback_redis_unreachable", extra={"error": type(exc).__name__})
-            raise APIError(503, "Feedback could not be stored: the gateway's Redis is "
-                                "unreachable. Please retry shortly.",
-                           code="service_unavailable", headers={"Retry-After": "1"}) from None
+    async def _find(self, tenant: str, req: FeedbackRequest) -> int | None:
+        """The index of the turn the feedback names (None: the whole session). Not found:
+        wait for this gateway's recorder, re-check for ``feedback_not_found_wait_seconds``,
+        then a 404 (a 503 while the recorder spools: the turn may be in its spool)."""
+        missing, index = await self._lookup(tenant, req)
+        if missing is None:
+            return index
+        deadline = time.monotonic() + self._wait
+        await self._recorder.flushed(FLUSH_WAIT_SECONDS)
+        while True:
+            missing, index = await self._lookup(tenant, req)
+            if missing is None:
+                return index
+            if self._recorder.spooling:
+                raise _unavailable("Feedback could not be matched to its turn yet: the "
+                                   "gateway is still writing turns to Redis.")
+            if time.monotonic() >= deadline:
+                log.info("feedback_not_found", extra={"tenant": tenant, "param": missing})
+                raise APIError(404, NOT_FOUND[missing], code="not_found", param=missing)
+            await asyncio.sleep(RECHECK_SECONDS)
+
+    async def _lookup(self, tenant: str, req: FeedbackRequest) -> tuple[str | None, int | None]:
+        """What is missing (the field naming it) or None, and the turn index named."""
+        async with _redis_call(), self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(self._keys.turn_index(tenant, req.session_id))
+            if req.response_id is not None:
+                pipe.hget(self._keys.session_responses(tenant, req.session_id),
+                          req.response_id)
+            replies = await pipe.execute()
+        if replies[0] is None:
+            return "session_id", None
+        if req.response_id is not None:
+            return ("response_id", None) if replies[1] is None else (None, int(replies[1]))
+        if req.turn_index is not None and req.turn_index >= int(replies[0]):
+            return "turn_index", None
+        return None, req.turn_index
+
+    async def _store(self, tenant: str, session_id: str, field: str, value: bytes,
+                     event: FeedbackV1) -> None:
+        """HSET, the event's XADD and the session's expiries in one transaction; a 503 if
+        Redis cannot be reached in time."""
+        key = self._keys.feedback(tenant, session_id)
+        async with _redis_call(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, field, value)
+            # The session's keys live as long as feedback on it may count.
+            for session_key in (key, self._keys.turn_index(tenant, session_id),
+                                self._keys.session_responses(tenant, session_id)):
+                pipe.expire(session_key, self._ttl)
+            pipe.xadd(self._keys.stream(FEEDBACK), event.to_fields(),  # type: ignore[arg-type]
+                      maxlen=self._maxlen, approximate=True)
+            await pipe.execute()
+
+
+def _unavailable(message: str) -> APIError:
+    return APIError(503, message, code="service_unavailable", headers={"Retry-After": "1"})
+
+
+@asynccontextmanager
+async def _redis_call() -> AsyncIterator[None]:
+    """Bound a Redis call by ``WRITE_TIMEOUT_SECONDS``; unreachable: a 503."""
+    try:
+        async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
+            yield
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("feedback_redis_unreachable", extra={"error": type(exc).__name__})
+        raise _unavailable("Feedback could not be stored: the gateway's Redis is "
+                           "unreachable. Please retry shortly.") from None

@@ -51,6 +51,15 @@ BODY_MODELS: dict[tuple[str, str], type[BaseModel]] = {
 """Routes that read their JSON body themselves, and the model that checks it."""
 RESPONSE_SCHEMAS = {(FEEDBACK_PATH, "post"): "Feedback", ("/v1/models", "get"): "ModelList"}
 """Answers FastAPI cannot describe (the routes build their JSON themselves)."""
+ROUTE_ERRORS = {(FEEDBACK_PATH, "post"): {
+    "404": "No such session in the caller's tenant, or no such ``response_id`` or "
+           "``turn_index`` in it (``param`` names the field; ``code``: ``not_found``). "
+           "Sessions and their answers can be named for ``feedback_window_seconds`` "
+           "after their last turn.",
+    "503": "Redis is unreachable, or the gateway is still writing turns to it; retry "
+           "shortly (``Retry-After``).",
+}}
+"""Error answers whose meaning on one route is more specific than ``ERROR_STATUSES``."""
 
 
 def install_openapi(app: FastAPI, limits: RequestLimits,
@@ -96,17 +105,22 @@ def complete(schema: dict[str, Any], limits: RequestLimits) -> dict[str, Any]:
         if operation is not None:
             operation.setdefault("responses", {})["200"] = {
                 "description": "OK", "content": {"application/json": {"schema": _ref(name)}}}
+    for (path, method), errors in ROUTE_ERRORS.items():
+        operation = paths.get(path, {}).get(method)
+        if operation is not None:
+            _error_responses(operation, errors)
     for item in paths.values():
         for operation in item.values():
             _error_responses(operation)
     return schema
 
 
-def _error_responses(operation: dict[str, Any]) -> None:
+def _error_responses(operation: dict[str, Any],
+                     statuses: dict[str, str] = ERROR_STATUSES) -> None:
     responses = operation.setdefault("responses", {})
     responses.pop("422", None)
     error = {"application/json": {"schema": {"$ref": REF + "Error"}}}
-    for status, description in ERROR_STATUSES.items():
+    for status, description in statuses.items():
         responses.setdefault(status, {"description": description, "content": error})
 
 

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,16 @@ log = logging.getLogger("reef.gateway.recorder")
 # Idempotent append: a turn id seen before is skipped; otherwise the session's counter
 # gives the turn index, spliced into the JSON (the payload always ends with '}' and has
 # no turn_index of its own). Splicing keeps the JSON byte-exact: cjson would round floats.
+# The counter and the session's response id -> index hash (what feedback may name) expire
+# ARGV[5] seconds after the session's last turn.
 _RECORD_LUA = """
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) == false then return -1 end
 local n = redis.call('INCR', KEYS[3]) - 1
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[4], ARGV[4], n)
+  redis.call('EXPIRE', KEYS[4], ARGV[5])
+end
 local data = string.sub(ARGV[1], 1, -2) .. ',"turn_index":' .. n .. '}'
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'kind', 'turn.v1', 'data', data)
 return n
@@ -90,12 +98,16 @@ class Recorder:
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, spool_path: Path,
                  metrics: GatewayMetrics, maxlen: int, dedupe_ttl: int,
-                 batch_size: int = 256) -> None:
+                 batch_size: int = 256, *, session_ttl: int | None = None) -> None:
+        """``session_ttl``: how long a session's turn counter and response ids live after
+        its last turn (``feedback_window_seconds``; default ``dedupe_ttl``)."""
         self._redis = redis
         self._keys = keys
         self._metrics = metrics
         self._maxlen = maxlen
         self._ttl = dedupe_ttl
+        self._session_ttl = session_ttl if session_ttl is not None else dedupe_ttl
+        self._last: asyncio.Future[None] | None = None
         self._batch_size = batch_size
         self._queue: asyncio.Queue[Queued] = asyncio.Queue()
         self._script = redis.register_script(_RECORD_LUA)
@@ -109,7 +121,17 @@ class Recorder:
         the future is done once the turn is in Redis or in the spool."""
         durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((turn, durable))
+        self._last = durable
         return durable
+
+    async def flushed(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until every turn queued before this call is
+        in Redis or the spool: turns are settled in the order they were queued."""
+        last = self._last
+        if last is None or last.done():
+            return
+        with suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(last), timeout)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="reef-recorder")
@@ -173,10 +195,13 @@ class Recorder:
         parsed = turns if turns is not None else [orjson.loads(p) for p in payloads]
         async with self._redis.pipeline(transaction=False) as pipe:
             for payload, turn in zip(payloads, parsed, strict=True):
+                tenant, session = turn["tenant"], turn["session_id"]
                 await self._script(
                     keys=[stream, self._keys.dedupe("turn", turn["id"]),
-                          self._keys.turn_index(turn["tenant"], turn["session_id"])],
-                    args=[payload, self._maxlen, self._ttl], client=pipe)
+                          self._keys.turn_index(tenant, session),
+                          self._keys.session_responses(tenant, session)],
+                    args=[payload, self._maxlen, self._ttl, turn.get("response_id") or "",
+                          self._session_ttl], client=pipe)
             await pipe.execute()
         self._metrics.turns_recorded.inc(len(payloads))
 
