@@ -136,17 +136,18 @@ def _text(value: bytes | str) -> str:
 
 # KEYS: 2n credit keys then 2n skill keys (n = number of ids); ARGV: n, n_with, reward.
 # A counter is only incremented while its skill exists: a late credit for a deleted skill
-# must not leave an orphan hash behind.
+# must not leave an orphan hash behind. ARGV[4] is the change of the turn counts (1; 0
+# when a revised reward moves credit already counted).
 _ADD_CREDIT = """
 local n = tonumber(ARGV[1])
 local n_with = tonumber(ARGV[2])
 for i = 1, n do
   if redis.call('EXISTS', KEYS[n + i]) == 1 then
     if i <= n_with then
-      redis.call('HINCRBY', KEYS[i], 'with_count', 1)
+      redis.call('HINCRBY', KEYS[i], 'with_count', ARGV[4])
       redis.call('HINCRBYFLOAT', KEYS[i], 'with_reward_sum', ARGV[3])
     else
-      redis.call('HINCRBY', KEYS[i], 'without_count', 1)
+      redis.call('HINCRBY', KEYS[i], 'without_count', ARGV[4])
       redis.call('HINCRBYFLOAT', KEYS[i], 'without_reward_sum', ARGV[3])
     end
   end
@@ -291,9 +292,12 @@ class SkillStore:
         return await self._modify(tenant, skill_id, change, action)
 
     async def add_credit(self, tenant: str, skill_ids_with: builtins.list[str], reward: float,
-                         skill_ids_without: builtins.list[str]) -> None:
+                         skill_ids_without: builtins.list[str], *, count: int = 1,
+                         pipe: Any = None) -> None:
         """Count a turn's reward for the skills injected into it (``with``) and for the
-        comparable skills that were not (``without``); unknown ids are skipped."""
+        comparable skills that were not (``without``); unknown ids are skipped. ``count``
+        is added to the turn counts (0 moves a revised turn's reward: ``reward`` is then
+        the difference); ``pipe`` queues it in a transaction instead of running it."""
         with_ids = [i for i in dict.fromkeys(skill_ids_with) if ID_RE.match(i)]
         without = [i for i in dict.fromkeys(skill_ids_without)
                    if ID_RE.match(i) and i not in with_ids]
@@ -302,7 +306,8 @@ class SkillStore:
             return
         keys = [self._keys.skill_credit(tenant, i) for i in ids]
         keys += [self._keys.skill(tenant, i) for i in ids]
-        await self._add_credit(keys=keys, args=[len(ids), len(with_ids), repr(float(reward))])
+        await self._add_credit(keys=keys, args=[len(ids), len(with_ids), repr(float(reward)),
+                                                count], client=pipe)
 
     async def delete(self, tenant: str, skill_id: str) -> None:
         """Remove a skill, its credit and its name; ``SkillNotFound`` if there is none."""

@@ -218,6 +218,25 @@ def test_export_never_writes_credentials_a_client_put_in_the_body(
         assert secret not in text and "temperature" in text and "api_key" not in text
 
 
+def test_export_and_replay_take_each_turn_once_at_its_newest_revision(
+        env: dict[str, str], client: redis.Redis, namespace: str, tmp_path: Path) -> None:
+    first, other = scored("s1", 0, 1.0), scored("s1", 1, 0.5)
+    revised = [first.model_copy(update={"id": f"{first.turn.id}:r{n}", "reward": reward,
+                                        "revision": n, "previous_reward": previous})
+               for n, reward, previous in ((1, -1.0, 1.0), (2, -0.5, -1.0))]
+    publish(client, namespace, first, other, revised[0], revised[1])
+    result = tasks.export_dataset(namespace, TENANT, str(tmp_path))
+    assert (result["exported"], result["superseded"]) == (2, 2)  # a revision is no new turn
+    rows = read_jsonl(tmp_path / "scored.jsonl")
+    assert [(r["turn_id"], r["reward"]) for r in rows] == [(other.turn.id, 0.5),
+                                                           (first.turn.id, -0.5)]
+    # A replay appends each revision once (its marker is the message id).
+    fresh = namespace + "-fresh"
+    assert tasks.replay_dataset(str(tmp_path / "scored.jsonl"), fresh)["appended"] == 2
+    assert tasks.replay_dataset(str(tmp_path / "scored.jsonl"), fresh)["appended"] == 0
+    assert stream_messages(client, fresh) == [other, revised[1]]
+
+
 def test_failing_export_is_retried_then_failed_with_nothing_half_written(
         settings: Settings, client: redis.Redis, namespace: str, recorded: list[ScoredV1],
         tmp_path: Path) -> None:

@@ -55,7 +55,8 @@ def _needle(value: str) -> bytes | None:
 
 async def session_turns(redis: aioredis.Redis, keys: Keys, tenant: str,
                         session_id: str) -> list[ScoredV1]:
-    """The session's scored turns in the ``scored`` stream, by turn index (one per id)."""
+    """The session's scored turns in the ``scored`` stream, by turn index: one per turn,
+    its newest revision."""
     stream, start = keys.stream(SCORED), "-"
     needle = _needle(session_id)
     found: dict[str, ScoredV1] = {}
@@ -71,7 +72,9 @@ async def session_turns(redis: aioredis.Redis, keys: Keys, tenant: str,
                 continue
             if (isinstance(message, ScoredV1) and message.turn.tenant == tenant
                     and message.turn.session_id == session_id):
-                found.setdefault(message.id, message)
+                kept = found.get(message.turn.id)
+                if kept is None or message.revision > kept.revision:
+                    found[message.turn.id] = message
         if len(chunk) < XRANGE_BATCH:
             return sorted(found.values(), key=lambda s: s.turn.turn_index)
         start = "(" + chunk[-1][0].decode()

@@ -23,7 +23,7 @@ from services.jobs import dataset
 from services.jobs.queue import sync_redis
 from services.jobs.remine import remine
 from shared.keys import SCORED, Keys
-from shared.messages import BadMessage, ScoredV1, decode
+from shared.messages import BadMessage, ScoredV1, decode, scored_id
 from shared.settings import Settings
 from shared.worker import APPEND_ONCE_LUA
 
@@ -70,7 +70,7 @@ def export_dataset(namespace: str, tenant: str, out_dir: str, since_id: str = "-
                                      **counts})
     return {"namespace": namespace, "tenant": tenant, "exported": exported,
             "skipped": counts["skipped"], "invalid": counts["invalid"],
-            "duplicates": counts["duplicates"],
+            "duplicates": counts["duplicates"], "superseded": counts["superseded"],
             "credential_fields_dropped": counts["credential_fields_dropped"],
             "jsonl": str(out / dataset.JSONL_NAME), "hf": str(out / dataset.HF_DIR)}
 
@@ -90,7 +90,9 @@ def _entries(client: redis.Redis, stream: str, since_id: str,
 
 def _rows(client: redis.Redis, stream: str, tenant: str, since_id: str, until_id: str,
           counts: Counter[str]) -> Iterator[dict[str, Any]]:
-    """The readable rows of ``tenant``'s scored turns, oldest first, each turn once."""
+    """The readable rows of ``tenant``'s scored turns, oldest first, each turn once: at
+    its newest revision in the range (an earlier revision counts as ``superseded``)."""
+    newest = _revised(client, stream, tenant, since_id, until_id)
     seen: set[str] = set()
     for entry_id, fields in _entries(client, stream, since_id, until_id):
         try:
@@ -104,10 +106,29 @@ def _rows(client: redis.Redis, stream: str, tenant: str, since_id: str, until_id
         if message.id in seen:
             counts["duplicates"] += 1
             continue
+        if message.revision < newest.get(message.turn.id, 0):
+            counts["superseded"] += 1
+            continue
         seen.add(message.id)
         data, dropped = dataset.clean(message)
         counts["credential_fields_dropped"] += dropped
         yield dataset.row_of(message, data, entry_id)
+
+
+def _revised(client: redis.Redis, stream: str, tenant: str, since_id: str,
+             until_id: str) -> dict[str, int]:
+    """Turn id -> newest revision in the range, for ``tenant``'s revised turns only (a
+    first pass that only parses the JSON: revisions are rare, the turns are not)."""
+    newest: dict[str, int] = {}
+    for _, fields in _entries(client, stream, since_id, until_id):
+        try:
+            data = orjson.loads(fields.get(b"data", b"{}"))
+            revision, turn = int(data.get("revision") or 0), data["turn"]
+            if revision > 0 and turn["tenant"] == tenant:
+                newest[turn["id"]] = max(revision, newest.get(turn["id"], 0))
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+            continue  # the second pass counts it as invalid
+    return newest
 
 
 # --- replay -------------------------------------------------------------------------------
@@ -116,7 +137,8 @@ def replay_dataset(jsonl_path: str, namespace: str, tenant: str | None = None
                    ) -> dict[str, Any]:
     """Append the scored turns of an exported file (``scored.jsonl`` or the ``hf/`` data
     file) to ``namespace``'s ``scored`` stream, only ``tenant``'s when given. A turn
-    already there (by its turn id: ``shared.worker.APPEND_ONCE_LUA``, the scorer's own
+    already there (by its message id, the turn's id for a first score and
+    ``<turn id>:r<n>`` for a revision: ``shared.worker.APPEND_ONCE_LUA``, the scorer's own
     guard) is not appended again."""
     settings = job_settings(namespace)
     path = Path(jsonl_path)
@@ -147,7 +169,8 @@ def _append(client: redis.Redis, script: Any, keys: Keys, settings: Settings,
         return 0
     pipe = client.pipeline(transaction=False)
     for message in batch:
-        script(keys=[keys.dedupe("scored", message.turn.id), keys.stream(SCORED)],
+        marker = keys.dedupe("scored", scored_id(message.turn.id, message.revision))
+        script(keys=[marker, keys.stream(SCORED)],
                args=[settings.dedupe_ttl_seconds, settings.stream_maxlen, message.kind,
                      message.to_fields()["data"]], client=pipe)
     return sum(int(r) for r in pipe.execute())

@@ -6,7 +6,7 @@ import asyncio
 
 from services.scorer.metrics import ScorerMetrics
 from services.scorer.service import Scorer
-from shared.keys import FINALISED, GROUP_JUDGE, GROUP_SCORER, TURNS
+from shared.keys import FEEDBACK, FINALISED, GROUP_FEEDBACK, GROUP_JUDGE, GROUP_SCORER, TURNS
 from shared.logs import setup_logging
 from shared.redis_client import connect
 from shared.settings import Settings
@@ -14,7 +14,8 @@ from shared.worker import Consumer, run_workers
 
 
 async def serve(settings: Settings) -> None:
-    """Consume ``turns`` and ``finalised`` and sweep idle sessions until SIGTERM."""
+    """Consume ``turns``, ``finalised`` and ``feedback`` and sweep idle sessions until
+    SIGTERM."""
     metrics = ScorerMetrics.create()
     client = connect(settings)
     scorer = Scorer(settings, client, metrics)
@@ -22,11 +23,13 @@ async def serve(settings: Settings) -> None:
     try:
         await run_workers(
             settings,
-            # Both handlers are idempotent by themselves (their Lua steps check markers
-            # of their own), so the worker's "handled" markers would only cost time.
+            # Every handler is idempotent by itself (their Lua steps check markers of
+            # their own; a feedback event revises only what changed), so the worker's
+            # "handled" markers would only cost time.
             [Consumer(TURNS, GROUP_SCORER, dedupe=False, batch_handler=scorer.on_turns),
              Consumer(FINALISED, GROUP_JUDGE, dedupe=False,
-                      batch_handler=scorer.on_finalised)],
+                      batch_handler=scorer.on_finalised),
+             Consumer(FEEDBACK, GROUP_FEEDBACK, scorer.revisions.on_feedback, dedupe=False)],
             registry=metrics.registry, client=client, background=[scorer.sweep])
     finally:
         await scorer.close()

@@ -29,6 +29,10 @@ class ScorerMetrics:
     reward_magnitude: Counter
     """Sum of |reward| by sign: with ``reward``'s count it gives the mean reward
     (``reward`` has negative buckets, so prometheus-client exports no ``_sum`` for it)."""
+    late_feedback: Counter
+    """Feedback events by outcome: applied, unchanged, not_scored, too_late, entry_gone."""
+    revisions: Counter
+    """Superseding scored entries published (a turn's reward revised by late feedback)."""
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> ScorerMetrics:
@@ -59,6 +63,16 @@ class ScorerMetrics:
                 "reef_scorer_reward_magnitude_total", "Sum of |reward| of scored turns, by "
                 "sign (positive, negative); mean reward = (positive - negative) / "
                 "reef_scorer_reward_count.", ["sign"], registry=reg)),
+            late_feedback=Counter(
+                "reef_scorer_late_feedback_total", "Explicit-feedback events by outcome: "
+                "applied (a turn already scored got a superseding scored entry), unchanged "
+                "(nothing new for it), not_scored (not scored yet: its first score reads "
+                "the feedback), too_late (scored over feedback_window_seconds ago), "
+                "entry_gone (its scored entry was trimmed from the stream).", ["outcome"],
+                registry=reg),
+            revisions=Counter("reef_scorer_revisions_published_total", "Superseding scored "
+                              "entries published: turns whose reward late explicit feedback "
+                              "revised.", registry=reg),
         )
 
     def observe_reward(self, reward: float) -> None:

@@ -4,7 +4,10 @@
    session and whatever it finalises is appended to the internal ``finalised`` stream.
 2. ``finalised`` -> rewards (implicit feedback, the judge, explicit feedback) -> one
    ``scored`` entry per turn. The append is guarded by a marker keyed by the turn id in
-   the same Lua step, so a redelivery or a second replica never scores a turn twice.
+   the same Lua step, so a redelivery or a second replica never scores a turn twice;
+   the same step keeps a record of the score for late feedback (``revise``).
+3. ``feedback`` -> superseding ``scored`` entries (``revise``): explicit feedback on a
+   turn already scored revises its reward, once per revision.
 
 Splitting the stages makes each one's work durable before its ack: a scorer killed
 between finalising a turn and scoring it leaves a pending ``finalised`` entry that any
@@ -15,29 +18,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
-import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.scorer.combine import combine
+from services.scorer.explicit import Explicit, feedback_fields, first_feedback
 from services.scorer.implicit import implicit_reward
 from services.scorer.judge import Judge, Verdict
 from services.scorer.metrics import ScorerMetrics
+from services.scorer.revise import RevisionConflict, Revisions, ScoreRecord, first_record
 from services.scorer.sessions import Sessions
-from shared.keys import SCORED, Keys
+from shared.keys import Keys
 from shared.messages import FinalisedV1, Message, ScoredV1, TurnV1
 from shared.settings import Settings
-from shared.worker import APPEND_ONCE_LUA, Reject
+from shared.worker import Reject
 
 log = logging.getLogger("reef.scorer")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 """Turn ids go into JSON built in Lua; anything else is rejected (dead-lettered)."""
 
+
+class Scoring(NamedTuple):
+    """A finalised turn's score: the message, its reward's source (for metrics) and
+    the record kept for late feedback (None: the turn is never revised)."""
+
+    scored: ScoredV1
+    source: str
+    record: ScoreRecord | None
 
 
 class Scorer:
@@ -54,7 +65,7 @@ class Scorer:
         ttl = int(max(settings.session_idle_seconds * 4, 3600))
         self.sessions = Sessions(redis, self.keys, settings.stream_maxlen,
                                  settings.session_idle_seconds, ttl)
-        self._publish_once = redis.register_script(APPEND_ONCE_LUA)  # one scored entry per turn
+        self.revisions = Revisions(settings, redis, self.keys, metrics)
 
     async def start(self) -> None:
         if self.judge is not None:
@@ -104,18 +115,19 @@ class Scorer:
         return [next(outcomes) if error is None else error for error in errors]
 
     async def _publish_many(self, fins: list[FinalisedV1],
-                            scored: list[tuple[ScoredV1, str] | BaseException]
+                            scored: list[Scoring | BaseException]
                             ) -> list[Exception | None]:
+        """Append each turn's scored entry once, with its record (one round trip); then
+        revise those whose feedback changed while they were scored (on a redelivery
+        too: that check failing leaves the entries pending)."""
         outcomes: list[Exception | None] = []
+        kept: list[tuple[int, ScoredV1, ScoreRecord]] = []
         async with self.redis.pipeline(transaction=False) as pipe:
-            for fin, result in zip(fins, scored, strict=True):
-                if isinstance(result, BaseException):
-                    continue
-                await self._publish_once(
-                    keys=[self.keys.dedupe("scored", fin.turn.id), self.keys.stream(SCORED)],
-                    args=[self.settings.dedupe_ttl_seconds, self.settings.stream_maxlen,
-                          "scored.v1", orjson.dumps(result[0].model_dump(mode="json"))],
-                    client=pipe)
+            for result in scored:
+                if not isinstance(result, BaseException):
+                    await self.revisions.publish(
+                        **self.revisions.publish_call(result.scored, result.record),
+                        client=pipe)
             published = iter(await pipe.execute(raise_on_error=False) if fins else [])
         for fin, result in zip(fins, scored, strict=True):
             if isinstance(result, Exception):
@@ -129,7 +141,14 @@ class Scorer:
                 continue
             outcomes.append(None)
             if done:
-                self._observe(fin, *result)
+                self._observe(fin, result.scored, result.source)
+            if result.record is not None:
+                kept.append((len(outcomes) - 1, result.scored, result.record))
+        try:
+            await self.revisions.recheck([(scored, record) for _, scored, record in kept])
+        except (RedisError, OSError, RevisionConflict) as exc:
+            for position, _, _ in kept:
+                outcomes[position] = exc
         return outcomes
 
     def _observe(self, fin: FinalisedV1, scored: ScoredV1, source: str) -> None:
@@ -137,15 +156,14 @@ class Scorer:
         self.metrics.finalisation_lag.observe(max(0.0, fin.created_at - fin.turn.created_at))
         self._count(scored, source)
 
-    async def score(self, fin: FinalisedV1, explicit: tuple[float, str | None] | None = None
-                    ) -> tuple[ScoredV1, str]:
-        """The scored message of a finalised turn and the source of its reward (for
-        metrics); no side effects but judge calls. ``explicit`` is the user's feedback."""
+    async def score(self, fin: FinalisedV1, explicit: Explicit | None = None) -> Scoring:
+        """The scored message of a finalised turn, the source of its reward and its
+        record; no side effects but judge calls. ``explicit`` is the user's feedback."""
         turn, s = fin.turn, self.settings
         base: dict[str, Any] = {"id": turn.id, "turn": turn, "follow_up": fin.follow_up,
                                 "reason": fin.reason}
         if turn.turn_type == "side" and not s.train_side_turns:
-            return ScoredV1(**base, reward=None, trainable=False), "none"
+            return Scoring(ScoredV1(**base, reward=None, trainable=False), "none", None)
         implicit = implicit_reward(turn, fin.follow_up) if s.use_implicit else None
         verdict = await self._judge(turn, fin.follow_up)
         judge_score = None if verdict is None else verdict.score
@@ -166,23 +184,23 @@ class Scorer:
             teacher_hint=_hint(verdict, explicit),
             judge_tokens=0 if verdict is None else verdict.prompt_tokens
             + verdict.completion_tokens)
-        return scored, combined.source
+        hint = None if verdict is None else verdict.hint
+        return Scoring(scored, combined.source, first_record(scored, explicit, hint))
 
     async def _judge(self, turn: TurnV1, follow_up: list[dict[str, Any]]) -> Verdict | None:
         if self.judge is None:
             return None
         return await self.judge.judge(turn, follow_up)
 
-    async def _explicit_many(self, turns: list[TurnV1]
-                             ) -> list[tuple[float, str | None] | None]:
+    async def _explicit_many(self, turns: list[TurnV1]) -> list[Explicit | None]:
         """The user's explicit feedback on each turn (or its session), if any, in one
         round trip: the most specific wins (response id, then turn index, then session)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for turn in turns:
                 pipe.hmget(self.keys.feedback(turn.tenant, turn.session_id),
-                           _feedback_fields(turn))
+                           feedback_fields(turn.turn_index, turn.response_id))
             replies = await pipe.execute() if turns else []
-        return [_first_feedback(cast(list[bytes | None], values), turn.tenant)
+        return [first_feedback(cast(list[bytes | None], values), turn.tenant)
                 for turn, values in zip(turns, replies, strict=True)]
 
     def _count(self, scored: ScoredV1, source: str) -> None:
@@ -202,32 +220,7 @@ def _check_turn(message: Message) -> Exception | None:
     return None
 
 
-def _feedback_fields(turn: TurnV1) -> list[str]:
-    fields = [f"index:{turn.turn_index}", "session"]
-    if turn.response_id:
-        fields.insert(0, f"turn:{turn.response_id}")
-    return fields
-
-
-def _first_feedback(values: list[bytes | None], tenant: str) -> tuple[float, str | None] | None:
-    for raw in values:
-        if raw is None:
-            continue
-        try:
-            data = orjson.loads(raw)
-            score = float(data["score"])
-            text = data.get("text")
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-            score = math.nan
-        if math.isnan(score):
-            log.warning("scorer.bad_feedback_entry", extra={"tenant": tenant})
-            continue
-        # A text that is not a string is dropped, not the whole turn with it.
-        return max(-1.0, min(1.0, score)), text if isinstance(text, str) else None
-    return None
-
-
-def _hint(verdict: Verdict | None, explicit: tuple[float, str | None] | None) -> str | None:
+def _hint(verdict: Verdict | None, explicit: Explicit | None) -> str | None:
     """A corrective hint for on-policy distillation: the user's own words on a turn they
     rated down beat the judge's."""
     if explicit is not None and explicit[0] < 0 and explicit[1]:

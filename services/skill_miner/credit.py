@@ -17,13 +17,73 @@ have no comparable turns without them by construction, and their own record says
 about how hard the tenant's requests are than about the skill. They are judged against the
 tenant's turns with no skill injected at all (mostly those before the skill went live), and
 only when there are enough of those.
+
+A turn's reward may be revised (explicit feedback after it was scored: a superseding
+``scored`` entry with ``revision`` + 1). Credit counts each turn once, at its newest
+reward: what was counted for a turn (``Counted``, kept in its ``credit`` marker) is moved
+to the revision's reward (``credit_move``), and an older revision arriving late changes
+nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+
+import orjson
 
 from shared.skills import Skill
+
+
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """What a turn's reward was counted as in credit (the value of its ``credit``
+    marker): the revision, the reward (None: nothing counted) and the comparable skills
+    credited ``without`` it (None: not known, a marker written before revisions)."""
+
+    revision: int
+    reward: float | None
+    without: tuple[str, ...] | None = None
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"revision": self.revision, "reward": self.reward,
+                             "without": self.without})
+
+    @classmethod
+    def parse(cls, raw: bytes | None, previous_reward: float | None) -> Counted | None:
+        """The marker's value; an old marker (``1``) counted the revision before this
+        one, whose reward the revision carries as ``previous_reward``."""
+        if raw is None:
+            return None
+        try:
+            data = orjson.loads(raw)
+            without = data.get("without")
+            return cls(int(data["revision"]), data.get("reward"),
+                       None if without is None else tuple(str(i) for i in without))
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+            return cls(0, previous_reward)
+
+
+@dataclass(frozen=True, slots=True)
+class CreditMove:
+    """A change to credit counters: turns (+1 a first count, -1 a count withdrawn, 0 a
+    reward revised) and reward sum."""
+
+    count: int
+    reward: float
+
+
+def credit_move(counted: Counted | None, revision: int, reward: float | None
+                ) -> CreditMove | None:
+    """What moves a turn's credit from what was ``counted`` to ``reward`` at
+    ``revision`` (None: reward not counted); None when this revision or a newer one was
+    counted already (a redelivery, or an older revision arriving late)."""
+    if counted is not None and revision <= counted.revision:
+        return None
+    before = None if counted is None else counted.reward
+    move = CreditMove(int(reward is not None) - int(before is not None),
+                      (reward or 0.0) - (before or 0.0))
+    return move
 
 
 def comparable_without(injected: Iterable[Skill], active: Iterable[Skill]) -> list[str]:

@@ -6,15 +6,18 @@ Per scored turn:
 2. *Credit* (a trainable turn with a reward and injected skills): the reward counts for
    the injected skills and for the comparable active skills that were not injected (see
    ``credit``); an injected skill whose credit shows it keeps hurting is retired, with
-   the evidence as the reason.
+   the evidence as the reason. A revision of the turn's reward (a superseding entry after
+   late feedback) moves what was counted to the new reward; a turn counts once.
 3. *Mine* (a turn whose reward is below ``skill_update_threshold``): the session's
    trajectory goes to the LLM, whose proposals are curated into the library (``curate``).
+   A turn is mined once, whichever of its revisions first made it fail.
 
 While the LLM answers, the entry is kept claimed (``lease``), so a slow answer is not
 re-delivered to a second handler. Redelivery is harmless anyway: keeping is idempotent,
-credit is guarded by a marker per turn, the LLM's validated answer is stored before it is
-applied (a redelivery applies it again, it does not ask again), applying is idempotent per
-turn, and a marker per turn closes mining.
+credit is guarded by a marker per turn (holding what was counted, written in the same
+transaction), the LLM's validated answer is stored before it is applied (a redelivery
+applies it again, it does not ask again), applying is idempotent per turn, and a marker
+per turn closes mining.
 An LLM failure raises, so the entry stays pending and the worker retries it after
 ``worker_claim_idle_ms``; after ``worker_max_deliveries`` it is dead-lettered, never lost.
 """
@@ -24,12 +27,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import cast
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.exceptions import WatchError
 
 from services.skill_miner import prompts
-from services.skill_miner.credit import comparable_without, retirement_evidence
+from services.skill_miner.credit import (
+    Counted,
+    CreditMove,
+    comparable_without,
+    credit_move,
+    retirement_evidence,
+)
 from services.skill_miner.curate import Curator, Origin
 from services.skill_miner.lease import Lease
 from services.skill_miner.llm import Proposer, build_proposer
@@ -50,6 +61,13 @@ log = logging.getLogger("reef.skill_miner")
 ACTIVE_CACHE_SECONDS = 5.0
 """How long a tenant's list of active skills is reused for credit (comparable skills);
 a skill activated meanwhile starts collecting ``without`` credit a few seconds late."""
+
+
+def _failed_before(settings: Settings, scored: ScoredV1) -> bool:
+    """Whether a revision's previous reward already made the turn fail: that revision
+    was mined (or is being mined), so this one is not."""
+    return (scored.revision > 0 and scored.previous_reward is not None
+            and scored.previous_reward < settings.skill_update_threshold)
 
 
 def should_mine(settings: Settings, scored: ScoredV1) -> bool:
@@ -96,40 +114,79 @@ class SkillMiner:
         if message.turn.turn_index < 0:
             raise Reject("turn index unusable")
         await self.trajectories.record(message)
-        reward = message.reward
-        if reward is None:
-            return
-        if message.trainable and message.turn.skill_ids:
-            await self.credit(message, reward)
-        elif message.trainable and message.turn.turn_type == "main":
-            await self.count_baseline(message, reward)
-        if should_mine(self.settings, message):
+        # A revision may take back a reward counted before (now unscored or untrainable).
+        reward = message.reward if message.trainable else None
+        if reward is not None or message.revision > 0:
+            if message.turn.skill_ids:
+                await self.credit(message, reward)
+            elif message.turn.turn_type == "main":
+                await self.count_baseline(message, reward)
+        if should_mine(self.settings, message) and not _failed_before(self.settings, message):
             await self.mine(message, entry_id)
 
     # --- credit ------------------------------------------------------------------------
 
-    async def credit(self, scored: ScoredV1, reward: float) -> None:
-        """Count the reward for the injected and comparable skills (once per turn), then
-        retire the injected skills that keep hurting."""
+    async def credit(self, scored: ScoredV1, reward: float | None) -> None:
+        """Count the turn's newest reward (None: none) for the injected and comparable
+        skills, once per turn, then retire the injected skills that keep hurting."""
         turn = scored.turn
-        marker = self.keys.miner_done("credit", turn.tenant, turn.id)
-        if not await self.redis.exists(marker):
-            injected = await self._skills(turn.tenant, turn.skill_ids)
-            without = comparable_without(injected, await self._active_skills(turn.tenant))
-            await self.store.add_credit(turn.tenant, turn.skill_ids, reward, without)
-            await self.redis.set(marker, b"1", ex=self.settings.dedupe_ttl_seconds)
+
+        async def queue(pipe: Any, move: CreditMove, without: tuple[str, ...]) -> None:
+            await self.store.add_credit(turn.tenant, turn.skill_ids, move.reward,
+                                        list(without), count=move.count, pipe=pipe)
+
+        await self._count_once(scored, reward, queue)
         for skill in await self._skills(turn.tenant, turn.skill_ids):
             await self._retire_if_hurting(skill)
 
-    async def count_baseline(self, scored: ScoredV1, reward: float) -> None:
-        """Count a turn with no skill injected in its tenant's baseline (once per turn)."""
+    async def count_baseline(self, scored: ScoredV1, reward: float | None) -> None:
+        """Count a turn with no skill injected in its tenant's baseline (once per turn,
+        at its newest reward)."""
+        key = self.keys.skill_baseline(scored.turn.tenant)
+
+        async def queue(pipe: Any, move: CreditMove, without: tuple[str, ...]) -> None:
+            pipe.hincrby(key, "count", move.count)
+            pipe.hincrbyfloat(key, "reward_sum", move.reward)
+
+        await self._count_once(scored, reward, queue)
+
+    async def _count_once(self, scored: ScoredV1, reward: float | None,
+                          queue: Callable[[Any, CreditMove, tuple[str, ...]], Awaitable[None]]
+                          ) -> None:
+        """Apply the credit move of this revision and write what was counted into the
+        turn's ``credit`` marker, in one transaction (retried if the marker changed)."""
         turn = scored.turn
         marker = self.keys.miner_done("credit", turn.tenant, turn.id)
-        if await self.redis.set(marker, b"1", ex=self.settings.dedupe_ttl_seconds, nx=True):
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hincrby(self.keys.skill_baseline(turn.tenant), "count", 1)
-                pipe.hincrbyfloat(self.keys.skill_baseline(turn.tenant), "reward_sum", reward)
-                await pipe.execute()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(marker)
+                    raw = cast(bytes | None, await pipe.get(marker))
+                    counted = Counted.parse(raw, scored.previous_reward)
+                    move = credit_move(counted, scored.revision, reward)
+                    if move is None:
+                        await pipe.reset()  # type: ignore[no-untyped-call]
+                        return
+                    without = await self._without(scored, counted)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    await queue(pipe, move, without)
+                    pipe.set(marker, Counted(scored.revision, reward, without).to_json(),
+                             ex=self.settings.dedupe_ttl_seconds)
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    await pipe.reset()  # type: ignore[no-untyped-call]  # a revision came first
+
+    async def _without(self, scored: ScoredV1, counted: Counted | None) -> tuple[str, ...]:
+        """The comparable skills credited without the turn: those counted before, if
+        known, so a revision moves exactly what was counted."""
+        if counted is not None and counted.without is not None:
+            return counted.without
+        turn = scored.turn
+        if not turn.skill_ids:
+            return ()
+        injected = await self._skills(turn.tenant, turn.skill_ids)
+        return tuple(comparable_without(injected, await self._active_skills(turn.tenant)))
 
     async def _baseline(self, tenant: str) -> tuple[int, float]:
         raw = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.skill_baseline(tenant)))

@@ -3,8 +3,10 @@
 Each scored turn is stored compactly (what the user sent, what the assistant answered, the
 reward and what followed) in a sorted set per session scored by turn index
 (``Keys.miner_session``): adding the same turn twice changes nothing, so a redelivered
-entry is harmless; the set keeps the newest ``TRAJECTORY_TURNS`` turns and expires
-``TRAJECTORY_TTL_SECONDS`` after the session's last scored turn. Any miner replica can then
+entry is harmless, and a revision of a turn (its reward revised by late feedback) replaces
+the turn's earlier record (readers keep the newest revision of each turn); the set keeps
+the newest ``TRAJECTORY_TURNS`` turns and expires ``TRAJECTORY_TTL_SECONDS`` after the
+session's last scored turn. Any miner replica can then
 assemble a session's trajectory, whichever replica saw its earlier turns.
 
 Texts are cut to ``TEXT_CHARS``: the miner needs the gist of each turn, and the turn's own
@@ -49,6 +51,8 @@ class TurnRecord(BaseModel):
     signals: list[str] = Field(default_factory=list)
     """Reward components and implicit signals that fired (``implicit.correction`` ...)."""
     skill_ids: list[str] = Field(default_factory=list)
+    revision: int = 0
+    """The revision of the turn's reward (see ``ScoredV1.revision``)."""
 
 
 def record_of(scored: ScoredV1, redactor: Redactor | None = DEFAULT) -> TurnRecord:
@@ -63,7 +67,8 @@ def record_of(scored: ScoredV1, redactor: Redactor | None = DEFAULT) -> TurnReco
         turn_id=turn.id, index=turn.turn_index, request=text(_since_last_answer(turn.messages)),
         answer=text(_render(turn.response_message)), reward=scored.reward,
         follow_up=text("\n".join(_render(m) for m in scored.follow_up)),
-        signals=sorted(scored.components), skill_ids=list(turn.skill_ids))
+        signals=sorted(scored.components), skill_ids=list(turn.skill_ids),
+        revision=scored.revision)
 
 
 class Trajectories:
@@ -81,6 +86,8 @@ class Trajectories:
         key = self._keys.miner_session(turn.tenant, turn.session_id)
         member = record_of(scored, self.redactor).model_dump_json().encode()
         async with self._redis.pipeline(transaction=True) as pipe:
+            if scored.revision > 0:  # the turn's earlier revisions (the only turn there)
+                pipe.zremrangebyscore(key, turn.turn_index, turn.turn_index)
             pipe.zadd(key, {member: turn.turn_index})
             pipe.zremrangebyrank(key, 0, -(TRAJECTORY_TURNS + 1))
             pipe.expire(key, TRAJECTORY_TTL_SECONDS)
@@ -93,7 +100,9 @@ class Trajectories:
         records: dict[str, TurnRecord] = {}
         for member in raw:
             record = TurnRecord.model_validate_json(member)
-            records[record.turn_id] = record  # the same turn twice: keep one
+            kept = records.get(record.turn_id)
+            if kept is None or record.revision >= kept.revision:  # the same turn twice
+                records[record.turn_id] = record
         return sorted(records.values(), key=lambda r: r.index)
 
 
