@@ -359,3 +359,32 @@ async def test_late_feedback_retrains_on_the_newest_reward_or_counts_a_correctio
     assert fates.labels("corrected")._value.get() == 2
     assert await client.hlen(buffer) == 0  # and never trained again
     await client.aclose()
+
+
+async def test_the_step_loop_waits_out_a_redis_restart(
+        redis_server: RedisServer, namespace: str, tiny_model: Path, tmp_path: Path) -> None:
+    """The loop's own Redis reads (the buffer, the rollback request) fail while Redis is
+    down: the loop backs off and goes on (it must not end the service)."""
+    settings = settings_for(namespace, redis_server.url, tiny_model, tmp_path,
+                            trainer_retry_backoff_seconds=0.05)
+    client = aioredis.from_url(redis_server.url)
+    trainer = make_trainer(settings, client, tiny_model, tmp_path / "st")
+    stopping = asyncio.Event()
+    task = asyncio.create_task(trainer.run(stopping))
+    try:
+        while not trainer._started:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(redis_server.kill)
+        await asyncio.sleep(1.0)
+        assert not task.done()
+        await asyncio.to_thread(redis_server.start)
+        for i in range(4):
+            await trainer.on_scored(scored_turn(i, 1.0 if i % 2 else -1.0), "0-0")
+        deadline = time.monotonic() + 30
+        while not weights_events(redis_server.client(), namespace):
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0.1)
+    finally:
+        stopping.set()
+        await task
+        await client.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from services.trainer.backend import TrainingBackend
 from services.trainer.metrics import TrainerMetrics
@@ -43,11 +44,13 @@ def distilling(settings: Settings) -> bool:
                                       and bool(settings.teacher_model))
 
 
-async def serve(settings: Settings) -> None:
-    """Buffer scored turns and train on them until SIGTERM."""
+async def serve(settings: Settings, build: Callable[
+        [Settings], tuple[TrainingBackend, list[str] | None]] = build_backend) -> None:
+    """Buffer scored turns and train on them until SIGTERM (``build`` makes the backend:
+    the chaos suite wraps it to inject faults)."""
     metrics = TrainerMetrics.create()
     client = connect(settings)
-    backend, probe = build_backend(settings)
+    backend, probe = build(settings)
     teacher = Teacher(settings) if distilling(settings) else None
     trainer = Trainer(settings, client, backend, metrics, teacher, probe)
     try:

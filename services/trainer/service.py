@@ -122,6 +122,8 @@ class Trainer:
         self.ledger = Ledger(settings, redis, self.state_key, backend, metrics)
         self._backoff = 0.0
         self._started = False
+        self._resumed: tuple[Checkpoint | None] | None = None
+        """What ``backend.start`` resumed, once it ran."""
         self._buffer = redis.register_script(_BUFFER_LUA)
 
     # --- intake ---------------------------------------------------------------------------
@@ -160,31 +162,50 @@ class Trainer:
     # --- the step loop --------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the backend on the live version (``run`` calls it first, once)."""
+        """Start the backend on the live version (``run`` calls it first; a start that
+        failed on Redis is tried again, the backend started once)."""
         if self._started:
             return
-        self._started = True
         self.metrics.batch_size.set(self.settings.batch_size)
         self.metrics.last_step.set(time.time())
-        checkpoint = await asyncio.to_thread(self.backend.start)
-        await self.ledger.reconcile(checkpoint)
+        if self._resumed is None:
+            self._resumed = (await asyncio.to_thread(self.backend.start),)
+        await self.ledger.reconcile(self._resumed[0])
         if self.teacher is not None and self._probe_tokens is not None:
             await self.teacher.check_tokenizer(self._probe_tokens)
+        self._started = True
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Resume, then train whenever a batch is ready, until ``stopping``."""
-        await self.start()
+        """Resume, then train whenever a batch is ready, until ``stopping`` (or
+        ``max_steps``). Redis or the network briefly gone is waited out, with backoff;
+        anything else ends the loop, and with it the service (``run_workers``)."""
         while not stopping.is_set():
-            await self.ledger.apply_rollback()
-            if self.ledger.version >= self.settings.max_steps:
-                break
-            batch = await self._next_batch()
-            if batch is None:
-                await _wait(stopping, POLL_SECONDS)
-                continue
-            delay = await self.attempt(batch)
+            try:
+                delay = await self._turn()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self._backoff = min(MAX_BACKOFF_SECONDS, max(
+                    self.settings.trainer_retry_backoff_seconds, self._backoff * 2))
+                log.warning("trainer.unavailable", extra={
+                    "error": f"{type(exc).__name__}: {exc}"[:300], "retry_in": self._backoff})
+                delay = self._backoff
+            if delay is None:
+                return
             if delay:
                 await _wait(stopping, delay)
+
+    async def _turn(self) -> float | None:
+        """One turn of the loop: how long to wait before the next (None: stop)."""
+        await self.start()
+        await self.ledger.apply_rollback()
+        if self.ledger.version >= self.settings.max_steps:
+            return None
+        batch = await self._next_batch()
+        if batch is None:
+            self._backoff = 0.0
+            return POLL_SECONDS
+        return await self.attempt(batch)
 
     async def attempt(self, batch: list[Sample]) -> float:
         """One supervised try at a step on ``batch``; returns how long to back off before
