@@ -396,7 +396,7 @@ async def test_tinker_never_gets_a_turn_with_secrets(redis_server: RedisServer,
     stopping = asyncio.Event()
     task = asyncio.create_task(trainer.run(stopping))
     deadline = time.monotonic() + 20
-    while trainer.version < 1:
+    while trainer.ledger.version < 1:
         assert time.monotonic() < deadline and not task.done()
         await asyncio.sleep(0.05)
     stopping.set()
