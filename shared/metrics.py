@@ -54,6 +54,9 @@ class WorkerMetrics:
     pending: Gauge
     lag: Gauge
     dead_letters: Gauge
+    lost: Counter
+    trimmed: Counter
+    over_cap: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> WorkerMetrics:
@@ -86,6 +89,20 @@ class WorkerMetrics:
                 "Entries in the stream's dead-letter stream (XLEN <stream>:dead), waiting "
                 "for someone to look at them.",
                 ("stream",), registry=registry),
+            lost=Counter(
+                "reef_stream_entries_lost_total",
+                "Entries removed from the stream before the group handled them: deleted "
+                "while pending, or trimmed (by the producers' hard cap) before delivery.",
+                labels, registry=registry),
+            trimmed=Counter(
+                "reef_stream_trimmed_entries_total",
+                "Entries the stream workers trimmed, every group having finished them.",
+                ("stream",), registry=registry),
+            over_cap=Gauge(
+                "reef_stream_over_cap_entries",
+                "Entries beyond stream_maxlen that stay because this group has not "
+                "finished them (the workers do not trim them; 0 for the other groups).",
+                labels, registry=registry),
         )
 
 

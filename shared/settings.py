@@ -91,7 +91,15 @@ class Settings(BaseSettings):
     redis_max_connections: int = 64
     """Connections one process may open; commands beyond them wait for a free one."""
     stream_maxlen: int = 1_000_000
-    """Approximate cap (``MAXLEN ~``) of every stream; far above any expected lag."""
+    """About how many entries a stream keeps; far above any expected lag. Streams without
+    a consumer group are capped by their producers (``MAXLEN ~``); streams read by groups
+    are trimmed by their stream workers, never past an entry a group has not finished."""
+    stream_hard_maxlen: int | None = None
+    """Safety cap (``MAXLEN ~``) producers put on streams read by consumer groups, so a
+    group nobody runs cannot fill Redis; entries it removes before a group handled them are
+    counted as lost. None: twice ``stream_maxlen``; never below it."""
+    stream_trim_interval_seconds: float = 5.0
+    """How often each stream worker trims its stream and looks for lost entries."""
     dedupe_ttl_seconds: int = 7 * 24 * 3600
     """How long a producer id is remembered, so a replayed message is recorded once."""
 
@@ -103,7 +111,9 @@ class Settings(BaseSettings):
     """Entries of one batch handled at once (judge calls are I/O bound: with a 200 ms
     judge and 3 votes, 16 in flight capped a scorer near 80 turns/s)."""
     worker_claim_idle_ms: int = 30_000
-    """An entry pending this long is reclaimed (XAUTOCLAIM) by any worker of the group."""
+    """An entry pending this long is reclaimed (XAUTOCLAIM) by any worker of the group. A
+    live worker renews its claim on the entries in its hands (so a long handler keeps
+    them): only a dead worker's entries, and failed ones, are reclaimed."""
     worker_max_deliveries: int = 5
     """After this many deliveries an entry goes to the dead-letter stream."""
     metrics_port: int = 0
@@ -411,6 +421,10 @@ class Settings(BaseSettings):
             else:
                 sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
+
+    def resolved_stream_hard_maxlen(self) -> int:
+        """The cap producers put on a stream read by consumer groups (``stream_hard_maxlen``)."""
+        return max(self.stream_maxlen, self.stream_hard_maxlen or 2 * self.stream_maxlen)
 
     def resolved_spool_path(self) -> Path:
         """The gateway's spool file."""

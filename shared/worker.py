@@ -2,8 +2,8 @@
 
 Guarantees (at-least-once, made effectively-once by message-id dedupe):
 
-- The group is created with ``MKSTREAM`` from the start of the stream; a restarted worker
-  first re-reads its own pending entries (id ``0``), then new ones (``>``).
+- The group is created with ``MKSTREAM`` from the start of the stream (``create_group``);
+  a restarted worker first re-reads its own pending entries (id ``0``), then new ones.
 - An entry is acked only after the handler returned, together with a "handled" marker
   keyed by the message id (``Keys.handled``); a redelivered or replayed message whose
   marker exists is acked without calling the handler again. Handlers must still be
@@ -11,9 +11,26 @@ Guarantees (at-least-once, made effectively-once by message-id dedupe):
   writes its effects in one Redis MULTI can add ``worker.mark_done(pipe, message)`` to it.
 - A handler that raises leaves its entry pending; any worker of the group takes it over
   with ``XAUTOCLAIM`` once it has been idle ``worker_claim_idle_ms`` (the idle time is the
-  backoff, and it must exceed the longest handler run). After ``worker_max_deliveries``
-  deliveries, an entry that fails validation, or a handler raising ``Reject``, the entry is
-  moved to the dead-letter stream (``Keys.dead``) and acked atomically.
+  backoff). After ``worker_max_deliveries`` deliveries, an entry that fails validation, or
+  a handler raising ``Reject``, the entry is moved to the dead-letter stream
+  (``Keys.dead``) and acked atomically.
+- Lease: the entries in a worker's hands (delivered, not yet settled) stay claimed however
+  long their handler runs. One task per worker wakes every sixth of
+  ``worker_claim_idle_ms`` and re-claims (``XCLAIM ... JUSTID``: the idle time restarts,
+  the delivery count does not grow) those held a third of it or longer that are still
+  pending at this consumer (``RENEW_LUA``). So a slow handler (the LLM judge, the miner's
+  LLM) is not paid for twice: an entry is reclaimed only when its worker died, hung its
+  event loop, or lost Redis for most of the idle time.
+- Trim: producers cap a stream read by groups only at ``stream_hard_maxlen``; its workers
+  trim it (at most every ``stream_trim_interval_seconds``) to about ``stream_maxlen``, never
+  past the oldest entry some group has not finished, and report a group that holds it
+  above the cap (``reef_stream_over_cap_entries``); see ``shared.stream_trim``.
+- Lost entries: an entry gone before its group handled it is counted in
+  ``reef_stream_entries_lost_total`` and logged (``worker.entries_lost``), never taken
+  for a duplicate: a pending entry deleted from the stream (read back empty, or listed
+  deleted by ``XAUTOCLAIM``; one deleted while its worker still handles it counts too,
+  though that worker finishes it), and entries trimmed before they were delivered
+  (``shared.stream_trim``).
 - Acks run shielded from cancellation and are awaited before ``run`` returns.
 - ``stop()`` (or SIGTERM/SIGINT under ``run_worker``) stops reading; the batch in hand is
   finished, so the worker exits within ``worker_block_ms`` plus the batch's handling time.
@@ -55,6 +72,7 @@ from shared.metrics import (
 )
 from shared.redis_client import connect
 from shared.settings import Settings
+from shared.stream_trim import Trim, Trimmer, create_group
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +93,10 @@ MAX_BACKOFF_SECONDS = 5.0
 REASON_MAX_CHARS = 1000
 """Dead-letter reasons are cut to this length (an exception text may be long)."""
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+LEASE_CHUNK = 500
+"""Entry ids re-claimed per script call (a Lua call takes a bounded number of arguments)."""
+LEASE_MIN_PERIOD_SECONDS = 0.01
+"""Shortest pause of the lease task (only a tiny test ``worker_claim_idle_ms`` needs it)."""
 
 # A message appended to a stream at most once: the marker keyed by its id (KEYS[1], kept
 # ARGV[1] seconds) and the XADD (to KEYS[2], capped at ARGV[2], fields kind=ARGV[3],
@@ -94,6 +116,26 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
 return 1
 """
 """KEYS: stream, dead-letter stream; ARGV: group, entry id, maxlen, field, value, ..."""
+
+# The lease: re-claim the entries a worker holds, but only those still pending at it (one
+# reclaimed by another worker meanwhile stays with that one: no tug of war).
+RENEW_LUA = """
+local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+local held = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+  if p and p[2] == ARGV[2] then
+    table.insert(claim, ARGV[i])
+    table.insert(held, ARGV[i])
+  end
+end
+if #held > 0 then
+  table.insert(claim, 'JUSTID')
+  redis.call(unpack(claim))
+end
+return held
+"""
+"""KEYS: stream; ARGV: group, consumer, entry id, ...; returns the ids still held here."""
 
 
 class Reject(Exception):
@@ -122,8 +164,9 @@ def _text(value: bytes | str) -> str:
 async def publish(
     redis: Redis, keys: Keys, stream_name: str, message: Message, maxlen: int
 ) -> str:
-    """Append ``message`` to a stream, capped at about ``maxlen`` entries
-    (pass ``settings.stream_maxlen``); returns the entry id."""
+    """Append ``message`` to a stream, capped at about ``maxlen`` entries; returns the
+    entry id. Pass ``settings.resolved_stream_hard_maxlen()`` for a stream read by consumer
+    groups (their workers trim it to ``stream_maxlen``), ``settings.stream_maxlen`` else."""
     fields: dict[Any, Any] = message.to_fields()
     entry_id = await redis.xadd(keys.stream(stream_name), fields, maxlen=maxlen, approximate=True)
     return _text(entry_id)
@@ -173,10 +216,18 @@ class StreamWorker:
         self._slots = asyncio.Semaphore(settings.worker_concurrency)
         self._settling: set[asyncio.Future[Any]] = set()
         self._dead_letter_script = redis.register_script(DEAD_LETTER_LUA)
+        self._renew_script = redis.register_script(RENEW_LUA)
+        self._trimmer = Trimmer(redis, self.stream_key, settings.stream_maxlen)
         self._ready = False
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
+        self._next_trim = 0.0
+        self._blocked_by = ""
         self._backoff = 0.0
+        self._in_hand: dict[str, float] = {}
+        """Entries delivered here and not yet settled -> when last claimed (monotonic)."""
+        # A series from 0, so that the first loss shows as an increase.
+        self.metrics.lost.labels(self.stream, self.group)
 
     # --- public API -------------------------------------------------------------------
 
@@ -193,21 +244,20 @@ class StreamWorker:
     async def run(self) -> None:
         """Consume until ``stop()``. Redis outages are waited out, never raised."""
         log.info("worker.started", extra=self.log_fields())
+        lease = asyncio.create_task(self._keep_claims(), name=f"lease:{self.stream}")
         try:
             while not self._stopping.is_set():
                 await self._step_guarded()
             await self._forget_consumer()
         finally:
+            lease.cancel()
+            await asyncio.gather(lease, return_exceptions=True)
             await self._finish_settling()
             log.info("worker.stopped", extra=self.log_fields())
 
     async def ensure_group(self) -> None:
         """Create the stream and the group (reading from the start), unless they exist."""
-        try:
-            await self.redis.xgroup_create(self.stream_key, self.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await create_group(self.redis, self.stream_key, self.group)
 
     def done_key(self, message: Message) -> str:
         """The key marking ``message`` as handled by this group."""
@@ -266,6 +316,8 @@ class StreamWorker:
             self._ready = True
         if time.monotonic() >= self._next_claim:
             await self._claim_idle()
+        if time.monotonic() >= self._next_trim:
+            self._report_trim(await self._trimmer.trim())
         if not self._stopping.is_set():
             new = await self._read(">", block=self.settings.worker_block_ms)
             await self._process_batch([Entry(i, f, 1) for i, f in new])
@@ -285,7 +337,9 @@ class StreamWorker:
         reply = await self.redis.xautoclaim(
             self.stream_key, self.group, self.consumer, self.settings.worker_claim_idle_ms,
             self._claim_cursor, count=self.settings.worker_batch_size)
-        # reply[2] lists entries deleted from the stream; Redis dropped them from the PEL.
+        # reply[2]: pending entries gone from the stream; Redis dropped them from the PEL.
+        self._count_lost(self.group, len(reply[2]) if len(reply) > 2 else 0,
+                         "deleted while pending")
         self._claim_cursor = _text(reply[0])
         more = self._claim_cursor != "0-0"
         interval = self.settings.worker_claim_idle_ms / 2000
@@ -315,11 +369,74 @@ class StreamWorker:
         return [Entry(entry_id, fields, int(info[0]["times_delivered"]))
                 for (entry_id, fields), info in zip(raw, details, strict=True) if info]
 
+    # --- the lease, the trim --------------------------------------------------------
+
+    async def _keep_claims(self) -> None:
+        """The lease: every sixth of ``worker_claim_idle_ms``, re-claim the entries held a
+        third of it or longer, so an entry is never idle long enough to be reclaimed while
+        this worker handles it. One task per worker; a dict of the entries in hand."""
+        period = max(LEASE_MIN_PERIOD_SECONDS, self.settings.worker_claim_idle_ms / 6000)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            due = [entry_id for entry_id, since in self._in_hand.items()
+                   if now - since >= 2 * period]
+            for start in range(0, len(due), LEASE_CHUNK):
+                await self._renew(due[start:start + LEASE_CHUNK], now)
+
+    async def _renew(self, entry_ids: list[str], now: float) -> None:
+        try:
+            held = {_text(i) for i in await self._renew_script(
+                keys=[self.stream_key], args=[self.group, self.consumer, *entry_ids])}
+        except (RedisError, OSError) as exc:  # the next round tries again
+            log.warning("worker.lease_renew_failed",
+                        extra={**self.log_fields(), "error": type(exc).__name__})
+            return
+        for entry_id in entry_ids:
+            if entry_id in self._in_hand:  # still in hand; a lost one is not renewed again
+                self._in_hand[entry_id] = now if entry_id in held else float("inf")
+        if len(held) < len(entry_ids):
+            log.warning("worker.lease_lost", extra={
+                **self.log_fields(), "entries": len(entry_ids) - len(held)})
+
+    def _report_trim(self, trim: Trim) -> None:
+        """Metrics and logs of a trim; schedules the next one."""
+        self._next_trim = time.monotonic() + (
+            0.0 if trim.more else self.settings.stream_trim_interval_seconds)
+        if trim.trimmed:
+            self.metrics.trimmed.labels(self.stream).inc(trim.trimmed)
+        for group in trim.groups:
+            self.metrics.lost.labels(self.stream, group)  # a series from 0 (see __init__)
+            self.metrics.over_cap.labels(self.stream, group).set(
+                trim.over_cap if group == trim.holder else 0)
+        for group, count in trim.lost.items():
+            self._count_lost(group, count, "removed before delivery")
+        blocked_by = trim.holder if trim.over_cap else ""
+        if blocked_by != self._blocked_by:
+            if blocked_by:
+                log.warning("worker.trim_blocked", extra={
+                    **self.log_fields(), "blocking_group": blocked_by,
+                    "over_cap": trim.over_cap})
+            else:
+                log.info("worker.trim_resumed", extra=self.log_fields())
+            self._blocked_by = blocked_by
+
     # --- a batch: decode -> dedupe -> handle -> settle ---------------------------------
 
     async def _process_batch(self, entries: list[Entry]) -> None:
         """decode -> dedupe -> handle -> settle; handlers run concurrently (up to
-        ``worker_concurrency``), so entries of a batch finish in no particular order."""
+        ``worker_concurrency``), so entries of a batch finish in no particular order.
+        Until then the entries are in hand: their claims are renewed (``_keep_claims``)."""
+        since = time.monotonic()
+        for entry in entries:
+            self._in_hand[entry.id] = since
+        try:
+            await self._decode_and_handle(entries)
+        finally:
+            for entry in entries:
+                self._in_hand.pop(entry.id, None)
+
+    async def _decode_and_handle(self, entries: list[Entry]) -> None:
         decoded = [(entry, await self._decode(entry)) for entry in entries]
         fresh = await self._drop_duplicates([(e, m) for e, m in decoded if m is not None])
         if self.batch_handler is not None and fresh:
@@ -342,8 +459,8 @@ class StreamWorker:
 
     async def _decode(self, entry: Entry) -> Message | None:
         """The entry's message, or None once the entry was settled without one."""
-        if not entry.fields:  # trimmed from the stream while pending: nothing left to do
-            await self._settle(lambda: self._ack(entry, None, OUTCOME_DUPLICATE))
+        if not entry.fields:  # deleted from the stream while pending: lost, not a duplicate
+            await self._settle(lambda: self._ack_lost(entry))
             return None
         try:
             message = decode(entry.fields)
@@ -463,8 +580,11 @@ class StreamWorker:
                 await asyncio.sleep(SETTLE_BACKOFF_SECONDS * 2**attempt)
         return None
 
-    async def _ack(self, entry: Entry, message: Message | None, outcome: str) -> None:
-        await self._ack_many([(entry, message)], outcome)
+    async def _ack_lost(self, entry: Entry) -> None:
+        """Ack a pending entry whose content is gone; it counts as lost once (the XACK
+        tells whether this worker was the one that removed it)."""
+        if await self.redis.xack(self.stream_key, self.group, entry.id):
+            self._count_lost(self.group, 1, "deleted while pending")
 
     async def _ack_many(self, done: list[tuple[Entry, Message | None]], outcome: str) -> None:
         """Ack entries (and mark their messages handled) in one transaction."""
@@ -518,6 +638,14 @@ class StreamWorker:
 
     def _count(self, outcome: str) -> None:
         self.metrics.entries.labels(self.stream, self.group, outcome).inc()
+
+    def _count_lost(self, group: str, count: int, cause: str) -> None:
+        """Entries of ``group`` gone before it handled them (never a duplicate)."""
+        if count <= 0:
+            return
+        self.metrics.lost.labels(self.stream, group).inc(count)
+        log.warning("worker.entries_lost", extra={
+            **self.log_fields(), "group": group, "entries": count, "cause": cause})
 
     def log_fields(self) -> dict[str, str]:
         return {"stream": self.stream, "group": self.group, "consumer": self.consumer}

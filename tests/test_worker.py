@@ -116,9 +116,11 @@ async def _pending_is(r: Redis, keys: Keys, n: int) -> bool:
 
 
 async def publish_turns(r: Redis, settings: Settings, n: int) -> list[TurnV1]:
+    """Publish as the producers of a stream read by groups do (capped at the hard cap)."""
     turns = [turn(i) for i in range(n)]
     for t in turns:
-        await publish(r, Keys(settings.namespace), STREAM, t, settings.stream_maxlen)
+        await publish(r, Keys(settings.namespace), STREAM, t,
+                      settings.resolved_stream_hard_maxlen())
     return turns
 
 
@@ -130,10 +132,10 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
 def spawn(settings: Settings, mode: str, consumer: str, log: Path,
           **env: str) -> subprocess.Popen[bytes]:
     """A worker process (tests/worker_proc.py) configured through REEF_* variables."""
-    environment = {**os.environ, **env, "REEF_PROFILE": "dev",
+    environment = {**os.environ, "REEF_PROFILE": "dev",
                    "REEF_REDIS_URL": settings.redis_url, "REEF_NAMESPACE": settings.namespace,
                    "REEF_WORKER_BLOCK_MS": str(settings.worker_block_ms),
-                   "REEF_WORKER_CLAIM_IDLE_MS": "60000", "REEF_METRICS_PORT": "0"}
+                   "REEF_WORKER_CLAIM_IDLE_MS": "60000", "REEF_METRICS_PORT": "0", **env}
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "tests.worker_proc", mode, STREAM, GROUP, consumer],

@@ -58,7 +58,8 @@ def build_gateway(settings: Settings, metrics: GatewayMetrics | None = None) -> 
     redis = connect(settings)
     upstream = Upstream(settings, metrics)
     recorder = Recorder(redis, Keys(settings.namespace), settings.resolved_spool_path(),
-                        metrics, settings.stream_maxlen, settings.dedupe_ttl_seconds,
+                        metrics, settings.resolved_stream_hard_maxlen(),
+                        settings.dedupe_ttl_seconds,
                         settings.recorder_batch_size,
                         session_ttl=settings.feedback_window_seconds)
     router = AdapterRouter(settings, redis, upstream, metrics)

@@ -15,17 +15,14 @@ step in-process, configured from the same settings as the skill-miner service.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 
 from services.skill_miner.__main__ import dedupe_similarity
-from services.skill_miner.lease import Lease
 from services.skill_miner.metrics import MinerMetrics
 from services.skill_miner.service import SkillMiner, should_mine
-from shared.keys import GROUP_SKILL_MINER, SCORED, Keys
+from shared.keys import SCORED, Keys
 from shared.messages import BadMessage, ScoredV1, decode
 from shared.redis_client import connect
 from shared.settings import Settings
@@ -33,16 +30,6 @@ from shared.skill_store import SkillStore
 
 XRANGE_BATCH = 500
 """Stream entries read per round trip."""
-JOB_CONSUMER = "reef-jobs"
-
-
-class _NoLease(Lease):
-    """A re-mined turn is not pending in the miner's consumer group: nothing to keep
-    claimed while the LLM answers (and nothing of the live miner's to steal)."""
-
-    @asynccontextmanager
-    async def held(self, entry_id: str) -> AsyncIterator[None]:
-        yield
 
 
 def _needle(value: str) -> bytes | None:
@@ -105,10 +92,9 @@ async def remine(settings: Settings, tenant: str, session_id: str) -> dict[str, 
 async def _mine(settings: Settings, client: aioredis.Redis, metrics: MinerMetrics,
                 failing: list[ScoredV1], turns: list[ScoredV1]) -> None:
     keys = Keys(settings.namespace)
-    miner = SkillMiner(settings, client, metrics, similarity=dedupe_similarity(settings),
-                       consumer=JOB_CONSUMER)
-    miner.lease = _NoLease(client, keys.stream(SCORED), GROUP_SKILL_MINER, JOB_CONSUMER,
-                           settings.worker_claim_idle_ms)
+    # Not a stream worker: a re-mined turn is not pending in the miner's group, so there
+    # is no claim to keep while the LLM answers (and none of the live miner's to take).
+    miner = SkillMiner(settings, client, metrics, similarity=dedupe_similarity(settings))
     await miner.start()
     try:
         for scored in turns:  # a trajectory expires; the stream still has the turns
@@ -117,7 +103,7 @@ async def _mine(settings: Settings, client: aioredis.Redis, metrics: MinerMetric
             turn = scored.turn
             await client.delete(keys.miner_done("mined", turn.tenant, turn.id),
                                 keys.miner_answer(turn.tenant, turn.id))
-            await miner.mine(scored, "0-0")
+            await miner.mine(scored)
     finally:
         await miner.close()
 

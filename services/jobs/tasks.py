@@ -171,8 +171,8 @@ def _append(client: redis.Redis, script: Any, keys: Keys, settings: Settings,
     for message in batch:
         marker = keys.dedupe("scored", scored_id(message.turn.id, message.revision))
         script(keys=[marker, keys.stream(SCORED)],
-               args=[settings.dedupe_ttl_seconds, settings.stream_maxlen, message.kind,
-                     message.to_fields()["data"]], client=pipe)
+               args=[settings.dedupe_ttl_seconds, settings.resolved_stream_hard_maxlen(),
+                     message.kind, message.to_fields()["data"]], client=pipe)
     return sum(int(r) for r in pipe.execute())
 
 

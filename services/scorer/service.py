@@ -63,7 +63,7 @@ class Scorer:
         self.judge = judge if judge is not None or not settings.use_prm else Judge(
             settings, metrics)
         ttl = int(max(settings.session_idle_seconds * 4, 3600))
-        self.sessions = Sessions(redis, self.keys, settings.stream_maxlen,
+        self.sessions = Sessions(redis, self.keys, settings.resolved_stream_hard_maxlen(),
                                  settings.session_idle_seconds, ttl)
         self.revisions = Revisions(settings, redis, self.keys, metrics)
 

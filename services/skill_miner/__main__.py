@@ -19,7 +19,7 @@ from shared.logs import setup_logging
 from shared.redis_client import connect
 from shared.settings import Settings
 from shared.skill_index import Embedder, embedding_available
-from shared.worker import Consumer, default_consumer_name, run_workers
+from shared.worker import Consumer, run_workers
 
 log = logging.getLogger("reef.skill_miner")
 
@@ -40,13 +40,12 @@ async def serve(settings: Settings) -> None:
         finally:
             await client.aclose()
         return
-    consumer = default_consumer_name()
     similarity = await asyncio.to_thread(dedupe_similarity, settings)
-    miner = SkillMiner(settings, client, metrics, similarity=similarity, consumer=consumer)
+    miner = SkillMiner(settings, client, metrics, similarity=similarity)
     await miner.start()
     try:
         await run_workers(settings, [Consumer(SCORED, GROUP_SKILL_MINER, miner.on_scored)],
-                          consumer=consumer, registry=metrics.registry, client=client)
+                          registry=metrics.registry, client=client)
     finally:
         await miner.close()
         await client.aclose()

@@ -12,7 +12,7 @@ Per scored turn:
    trajectory goes to the LLM, whose proposals are curated into the library (``curate``).
    A turn is mined once, whichever of its revisions first made it fail.
 
-While the LLM answers, the entry is kept claimed (``lease``), so a slow answer is not
+While the LLM answers, the entry stays claimed (the worker's lease), so a slow answer is not
 re-delivered to a second handler. Redelivery is harmless anyway: keeping is idempotent,
 credit is guarded by a marker per turn (holding what was counted, written in the same
 transaction), the LLM's validated answer is stored before it is applied (a redelivery
@@ -42,19 +42,18 @@ from services.skill_miner.credit import (
     retirement_evidence,
 )
 from services.skill_miner.curate import Curator, Origin
-from services.skill_miner.lease import Lease
 from services.skill_miner.llm import Proposer, build_proposer
 from services.skill_miner.metrics import OUTCOME_INVALID, MinerMetrics
 from services.skill_miner.proposals import MinerAnswer
 from services.skill_miner.similarity import Similarity, lexical_similarity, text_of
 from services.skill_miner.trajectory import Trajectories, TurnRecord, record_of
-from shared.keys import GROUP_SKILL_MINER, SCORED, Keys
+from shared.keys import Keys
 from shared.messages import Message, ScoredV1
 from shared.redact import outbound_redactor
 from shared.settings import Settings
 from shared.skill_store import SkillNotFound, SkillStore
 from shared.skills import Skill
-from shared.worker import Reject, default_consumer_name
+from shared.worker import Reject
 
 log = logging.getLogger("reef.skill_miner")
 
@@ -82,11 +81,10 @@ class SkillMiner:
     """The ``scored`` handler and what it needs; one per miner process."""
 
     def __init__(self, settings: Settings, redis: aioredis.Redis, metrics: MinerMetrics, *,
-                 llm: Proposer | None = None, similarity: Similarity = lexical_similarity,
-                 consumer: str | None = None) -> None:
+                 llm: Proposer | None = None,
+                 similarity: Similarity = lexical_similarity) -> None:
         """``llm`` None builds one from the settings; ``similarity`` is the dedupe measure
-        (lexical by default; pass an embedding one to dedupe paraphrases); ``consumer`` is
-        this process's name in the consumer group (default: the worker's default)."""
+        (lexical by default; pass an embedding one to dedupe paraphrases)."""
         self.settings = settings
         self.redis = redis
         self.keys = Keys(settings.namespace)
@@ -98,8 +96,6 @@ class SkillMiner:
         self.curator = Curator(self.store, metrics, similarity, settings.skill_merge_similarity,
                                settings.skill_auto_promote)
         self._active: dict[str, tuple[float, list[Skill]]] = {}
-        self.lease = Lease(redis, self.keys.stream(SCORED), GROUP_SKILL_MINER,
-                           consumer or default_consumer_name(), settings.worker_claim_idle_ms)
 
     async def start(self) -> None:
         await self.llm.start()
@@ -122,7 +118,7 @@ class SkillMiner:
             elif message.turn.turn_type == "main":
                 await self.count_baseline(message, reward)
         if should_mine(self.settings, message) and not _failed_before(self.settings, message):
-            await self.mine(message, entry_id)
+            await self.mine(message)
 
     # --- credit ------------------------------------------------------------------------
 
@@ -230,9 +226,9 @@ class SkillMiner:
 
     # --- mining ------------------------------------------------------------------------
 
-    async def mine(self, scored: ScoredV1, entry_id: str) -> None:
+    async def mine(self, scored: ScoredV1) -> None:
         """Diagnose the session up to this turn and curate the proposals (once per turn);
-        the entry stays claimed by this process while the LLM answers."""
+        the stream worker keeps the entry claimed while the LLM answers."""
         turn = scored.turn
         mined = self.keys.miner_done("mined", turn.tenant, turn.id)
         if await self.redis.exists(mined):
@@ -242,8 +238,7 @@ class SkillMiner:
         if cached is not None:
             answer: MinerAnswer | None = MinerAnswer.model_validate_json(cached)
         else:
-            async with self.lease.held(entry_id):
-                answer = await self._ask(scored)
+            answer = await self._ask(scored)
             if answer is not None:
                 await self.redis.set(answer_key, answer.model_dump_json(),
                                      ex=self.settings.dedupe_ttl_seconds)
