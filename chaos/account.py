@@ -4,7 +4,8 @@ Where each fact is read from (all in Redis, nothing from the services' memory):
 
 - recorded: the ``turns`` stream (a ``turn.v1`` carries ``response_id``, the completion
   id the client saw);
-- scored: the ``scored`` stream, counted by turn id (the scorer appends one entry per turn);
+- scored: the ``scored`` stream, counted by turn id (the scorer appends one entry per turn;
+  a revision of its reward after late feedback, ``revision`` > 0, is not a second turn);
 - seen by the trainer / the skill-miner: the stream worker's "handled" marker of the group
   (``Keys.handled(group, turn id)``; a ``scored.v1``'s id is its turn's id). It is written
   in the same MULTI as the ack: a set of the acked handlings (consumer, entry, delivery),
@@ -81,37 +82,43 @@ def drain(client: redis.Redis, keys: Keys, spool: Path, timeout: float,
           quiet_checks: int = 3) -> bool:
     """Wait until the gateway's spool is empty, no group has entries pending or unread,
     and no session waits for finalisation, ``quiet_checks`` times in a row; False on
-    timeout."""
+    timeout (what it still waited for is printed)."""
     deadline = time.monotonic() + timeout
     quiet = 0
+    busy: str | None = None
     while time.monotonic() < deadline:
-        quiet = quiet + 1 if _idle(client, keys, spool) else 0
+        busy = _busy(client, keys, spool)
+        quiet = quiet + 1 if busy is None else 0
         if quiet >= quiet_checks:
             return True
         time.sleep(0.5)
+    print(f"drain: still waiting for {busy}", flush=True)
     return False
 
 
-def _idle(client: redis.Redis, keys: Keys, spool: Path) -> bool:
+def _busy(client: redis.Redis, keys: Keys, spool: Path) -> str | None:
+    """What the pipeline is still busy with, or None when it is idle."""
     if spool.exists() and spool.stat().st_size > 0:
-        return False
+        return "the gateway's spool"
     try:
         for stream, group in GROUPS:
             infos: Any = client.xinfo_groups(keys.stream(stream))
             info = next((i for i in infos if _text(i["name"]) == group), None)
             if info is None or info["pending"] or info.get("lag"):
-                return False
-        return not client.zcard(keys.idle_sessions())
-    except (redis.RedisError, OSError):
-        return False
+                return f"{stream}/{group}: {info and (info['pending'], info.get('lag'))}"
+        sessions = client.zcard(keys.idle_sessions())
+        return f"{sessions} sessions to finalise" if sessions else None
+    except (redis.RedisError, OSError) as exc:
+        return f"Redis ({type(exc).__name__})"
 
 
 def account(client: redis.Redis, keys: Keys, adapter: str, tenant: str,
             answered: list[str]) -> Accounting:
     """The figures for the turns answered (by completion id)."""
     acc = Accounting(answered=len(answered))
-    turns = _turn_ids_by_response(client, keys)
-    scored = Counter(_turn_id(data, SCORED) for data, _ in _entries(client, keys.stream(SCORED)))
+    turns = turn_ids_by_response(client, keys)
+    scored = Counter({turn_id: sum(not e.get("revision") for e in entries)
+                      for turn_id, entries in scored_by_turn(client, keys).items()})
     dead = _dead_letters(client, keys)
     acc.dead_reasons = Counter(reason for _, reason in dead.values())
     for rid in answered:
@@ -179,7 +186,16 @@ def _turn_id(data: dict[str, Any], stream: str) -> str:
     return str(turn.get("id", ""))
 
 
-def _turn_ids_by_response(client: redis.Redis, keys: Keys) -> dict[str, list[str]]:
+def scored_by_turn(client: redis.Redis, keys: Keys) -> dict[str, list[dict[str, Any]]]:
+    """Turn id -> its ``scored`` entries (the first score and any revisions)."""
+    by_turn: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for data, _ in _entries(client, keys.stream(SCORED)):
+        by_turn[_turn_id(data, SCORED)].append(data)
+    return by_turn
+
+
+def turn_ids_by_response(client: redis.Redis, keys: Keys) -> dict[str, list[str]]:
+    """Completion id -> the ids of the turns recorded with it (one, unless duplicated)."""
     by_response: dict[str, list[str]] = defaultdict(list)
     for data, _ in _entries(client, keys.stream(TURNS)):
         if data.get("response_id"):

@@ -38,6 +38,10 @@ class LoadResult:
     seconds: float = 0.0
     latencies: list[tuple[float, float]] = field(default_factory=list)
     """(when it started, seconds to the whole answer) per answered turn."""
+    sessions: dict[str, tuple[str, float]] = field(default_factory=dict)
+    """Completion id -> (its session id, when it was answered), for late feedback."""
+    done: bool = False
+    """The load has ended."""
 
     @property
     def streamed(self) -> int:
@@ -85,6 +89,7 @@ class Load:
             await asyncio.gather(*(self._sessions() for _ in range(self.concurrency)))
         finally:
             await self.client.close()
+            self.result.done = True
         self.result.seconds = time.monotonic() - started
         return self.result
 
@@ -142,6 +147,7 @@ class Load:
             return None
         self.result.answered[rid] = stream
         self.result.latencies.append((started, time.monotonic() - started))
+        self.result.sessions[rid] = (headers["X-Session-Id"], time.monotonic())
         return text
 
     async def _streamed(self, messages: list[dict[str, Any]],

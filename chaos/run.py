@@ -10,14 +10,21 @@ import random
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from chaos.account import Accounting, account, drain
-from chaos.faults import KILLED, RESTARTED, Injector, plan
+from chaos.account import Accounting, account, drain, scored_by_turn, turn_ids_by_response
+from chaos.faults import KILLED, RESTARTED, ROLLBACK, Injector, plan
+from chaos.feedback import (
+    FeedbackAccounting,
+    FeedbackResult,
+    account_feedback,
+    send_late_feedback,
+)
+from chaos.learning import Learning, StepMonitor, learning_report
 from chaos.load import Load, LoadResult
 from chaos.stack import ADAPTER, API_KEY, MODEL, NAMESPACE, TENANT, Stack, StackConfig
 from shared.keys import Keys
@@ -42,8 +49,17 @@ class ChaosConfig:
     batch_size: int = 32
     drain_timeout: float = 180.0
     seed: int | None = None
-    kinds: tuple[str, ...] = KILLED + RESTARTED
-    """The processes faults hit (default: every kind)."""
+    kinds: tuple[str, ...] = KILLED + RESTARTED + (ROLLBACK,)
+    """The processes faults hit, and the rollback (default: every kind)."""
+    poison_rate: float = 0.004
+    """Share of answers with a token the chaos trainer refuses (a poisonous datum)."""
+    transient_rate: float = 0.05
+    """Share of the trainer's forward_backward calls failing transiently."""
+    refuse_rate: float = 0.2
+    """Share of the trainer's candidates the gate is made to refuse."""
+    feedback_share: float = 0.03
+    """Share of answered turns given explicit feedback, ``feedback_delay`` s later."""
+    feedback_delay: float = 6.0
 
 
 @dataclass
@@ -62,10 +78,16 @@ class ChaosReport:
     """Samples left in the trainer's buffer after the drain (fewer than a batch when its
     step loop kept up)."""
     data_dir: str
+    learning: Learning
+    feedback: FeedbackResult
+    feedback_use: FeedbackAccounting
 
     @property
     def ok(self) -> bool:
-        return self.drained and not self.accounting.lost and not self.accounting.duplicated
+        use, status = self.feedback_use, self.feedback.statuses
+        return (self.drained and not self.accounting.lost and not self.accounting.duplicated
+                and not self.learning.stalled_after and not use.unused and not use.used_twice
+                and not status["404"] and not status["gave_up"])
 
     def render(self) -> str:
         a, load = self.accounting, self.load
@@ -83,6 +105,7 @@ class ChaosReport:
             lines.append(f"  {name:<26}{self.faults[name]:>8}")
         for name in ("error_500", "timeout"):
             lines.append(f"  {'upstream_' + name:<26}{self.upstream_faults.get(name, 0):>8}")
+        lines += self.learning.rows() + self._feedback_rows()
         lines += ["", f"client errors: {dict(load.errors) or 'none'}",
                   f"left in the trainer's buffer (less than a batch): {self.trainer_backlog}"]
         if a.dead_reasons:
@@ -99,6 +122,17 @@ class ChaosReport:
                   f"logs in {self.data_dir}/logs", "PASS" if self.ok else "FAIL"]
         return "\n".join(lines)
 
+    def _feedback_rows(self) -> list[str]:
+        use, status = self.feedback_use, self.feedback.statuses
+        rows = [("feedback given (answered 200)", use.given),
+                ("  used in the first score", use.in_first_score),
+                ("  used late (one revision)", use.late),
+                ("  unused (target 0)", use.unused), ("  used twice (target 0)", use.used_twice),
+                ("  answered 404 (target 0)", status["404"]),
+                ("  resent (gateway down)", status["retries"])]
+        return ["", "late feedback:"] + [f"  {n:<34}{v:>8}" for n, v in rows] + [
+            f"  {example}" for example in use.examples]
+
     def to_json(self) -> dict[str, Any]:
         a = self.accounting
         return {"sent": self.load.sent, "answered": len(self.load.answered),
@@ -109,7 +143,10 @@ class ChaosReport:
                 "faults": dict(self.faults), "upstream_faults": self.upstream_faults,
                 "drained": self.drained, "wall_seconds": self.wall_seconds,
                 "phases": self.phases,
-                "trainer_backlog": self.trainer_backlog, "ok": self.ok}
+                "trainer_backlog": self.trainer_backlog,
+                "learning": asdict(self.learning),
+                "feedback": {"statuses": dict(self.feedback.statuses),
+                             **asdict(self.feedback_use)}, "ok": self.ok}
 
 
 def run(config: ChaosConfig) -> ChaosReport:
@@ -117,17 +154,23 @@ def run(config: ChaosConfig) -> ChaosReport:
     started = time.monotonic()
     rng = random.Random(config.seed)
     stack = Stack(StackConfig(config.data_dir, config.error_rate, config.timeout_rate,
-                              batch_size=config.batch_size, seed=config.seed))
+                              batch_size=config.batch_size, seed=config.seed,
+                              poison_rate=config.poison_rate,
+                              transient_rate=config.transient_rate,
+                              refuse_rate=config.refuse_rate))
     stack.build()
+    keys = Keys(NAMESPACE)
     try:
         stack.start(wait_workers=False)
         phases = {"start": time.monotonic() - started}
+        monitor = StepMonitor(stack.redis_url, keys, ADAPTER)
+        monitor.start()
         load = Load(stack.gateway_url + "/v1", API_KEY, MODEL, config.turns, config.concurrency,
                     config.rate, config.stream_share, config.seed)
         faults = plan(config.faults_per_kind, config.kinds, rng)
         injector = Injector(stack, faults, lambda: load.result.sent / config.turns, rng)
         injector.start()
-        result = asyncio.run(load.run())
+        result, feedback = asyncio.run(_drive(load, stack, config))
         phases["load"] = result.seconds
         mark = time.monotonic()
         injector.join()
@@ -135,13 +178,17 @@ def run(config: ChaosConfig) -> ChaosReport:
         phases["faults after the load"] = time.monotonic() - mark
         client = redis.Redis.from_url(stack.redis_url)
         try:
-            keys = Keys(NAMESPACE)
             spool = config.data_dir / "gateway" / "spool" / "turns.jsonl"
             mark = time.monotonic()
             drained = drain(client, keys, spool, config.drain_timeout)
             phases["drain"] = time.monotonic() - mark
+            monitor.stop()
             mark = time.monotonic()
             accounting = account(client, keys, ADAPTER, TENANT, list(result.answered))
+            feedback_use = account_feedback(feedback.sent, turn_ids_by_response(client, keys),
+                                            scored_by_turn(client, keys))
+            learning = learning_report(client, keys, ADAPTER, monitor.samples, injector.times,
+                                       stack.log_dir / "trainer.log", injector.rolled_back_to)
             phases["accounting"] = time.monotonic() - mark
             backlog = int(client.hlen(keys.trainer(ADAPTER, "buffer")))
         finally:
@@ -150,7 +197,18 @@ def run(config: ChaosConfig) -> ChaosReport:
     finally:
         stack.close()
     return ChaosReport(result, accounting, injector.counts, upstream, drained,
-                       time.monotonic() - started, phases, backlog, str(config.data_dir))
+                       time.monotonic() - started, phases, backlog, str(config.data_dir),
+                       learning, feedback, feedback_use)
+
+
+async def _drive(load: Load, stack: Stack, config: ChaosConfig
+                 ) -> tuple[LoadResult, FeedbackResult]:
+    """The load, and late feedback on some of its turns while it runs."""
+    result, feedback = await asyncio.gather(
+        load.run(), send_late_feedback(stack.gateway_url, API_KEY, load.result,
+                                       config.feedback_share, config.feedback_delay,
+                                       config.seed))
+    return result, feedback
 
 
 def _upstream_stats(stack: Stack) -> dict[str, int]:

@@ -2,7 +2,11 @@
 
 redis-server (private, AOF with ``appendfsync always``), the faulty fake upstream, the
 miner's fake LLM, the gateway, two scorers, a skill-miner and a trainer, each started the
-way a deployment starts it (``python -m services.<name>`` with ``REEF_*`` settings).
+way a deployment starts it (``python -m services.<name>`` with ``REEF_*`` settings; the
+trainer as ``python -m chaos.trainer``: the real service on a backend that fails on
+purpose). The trainer's gate is on; its regression check is off (``gate_tolerance``
+1000: the random rewards of the load teach nothing), its shift check on, which the
+forced refusals trip.
 """
 
 from __future__ import annotations
@@ -40,6 +44,13 @@ class StackConfig:
     """The trainer's batch size."""
     with_trainer: bool = True
     seed: int | None = None
+    poison_rate: float = 0.0
+    """Share of upstream answers holding the token the chaos trainer refuses to train
+    (``chaos.trainer``: their batches are quarantined)."""
+    transient_rate: float = 0.0
+    """Share of the trainer's forward_backward calls failing transiently."""
+    refuse_rate: float = 0.0
+    """Share of the trainer's candidates the gate is made to refuse."""
 
 
 @dataclass
@@ -66,8 +77,8 @@ class Stack:
             "upstream", "chaos.upstream",
             ["--port", str(upstream_port), "--error-rate", str(c.error_rate),
              "--timeout-rate", str(c.timeout_rate), "--hang-seconds",
-             str(c.upstream_timeout * 2), *(["--seed", str(c.seed)] if c.seed is not None
-                                            else [])],
+             str(c.upstream_timeout * 2), "--poison-rate", str(c.poison_rate),
+             *(["--seed", str(c.seed)] if c.seed is not None else [])],
             {}, logs, http_ok(f"http://127.0.0.1:{upstream_port}/stats"))
         self.procs["llm"] = python_proc("llm", "chaos.llm_server", ["--port", str(llm_port)],
                                         {}, logs, tcp_open(llm_port))
@@ -87,10 +98,15 @@ class Stack:
             "REEF_MINER_BASE_URL": f"http://127.0.0.1:{llm_port}/v1",
             "REEF_MINER_MODEL": "fake-miner"})
         if c.with_trainer:
-            self._worker("trainer", "services.trainer", {
+            self._worker("trainer", "chaos.trainer", {
                 **base, "REEF_MODE": "rl", "REEF_BACKEND": "local",
                 "REEF_MODEL_NAME": str(self.tiny_model_dir()),
-                "REEF_ADAPTER_NAME": ADAPTER, "REEF_GATE_ENABLED": "false",
+                "REEF_ADAPTER_NAME": ADAPTER, "REEF_GATE_ENABLED": "true",
+                "REEF_GATE_MAX_SHIFT": "1.0", "REEF_GATE_TOLERANCE": "1000",
+                "REEF_TRAINER_RETRY_BACKOFF_SECONDS": "0.2",
+                "CHAOS_TRANSIENT_RATE": str(c.transient_rate),
+                "CHAOS_REFUSE_RATE": str(c.refuse_rate),
+                **({"CHAOS_SEED": str(c.seed)} if c.seed is not None else {}),
                 "REEF_BATCH_SIZE": str(c.batch_size), "REEF_LORA_RANK": "4",
                 "REEF_LORA_ALPHA": "8", "REEF_MAX_STALENESS": "1000000",
                 "REEF_MAX_STEPS": "1000000", "OMP_NUM_THREADS": "1",

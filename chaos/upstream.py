@@ -7,7 +7,8 @@ below ``VOCAB`` and their logprobs, which the trainer's tiny model can train on.
 
 Faults, drawn per request: ``--error-rate`` answers 500; ``--timeout-rate`` holds the
 answer ``--hang-seconds`` (longer than the gateway's upstream timeout), so the gateway
-gives up. ``GET /stats`` reports the requests and the faults injected so far.
+gives up; ``--poison-rate`` samples the token :data:`POISON` first. ``GET /stats``
+reports the requests and the faults injected so far.
 
 Run: ``python -m chaos.upstream --port 8101 --error-rate 0.03 --timeout-rate 0.02``.
 """
@@ -29,14 +30,19 @@ VOCAB = 64
 """Token ids stay below this: the trainer's tiny model has this vocabulary."""
 PIECES = ("Sure", ",", " here", " is", " the", " answer", ".")
 """The answer's text, one stream chunk per piece."""
+POISON = 2
+"""A token id sampled only in a ``--poison-rate`` share of answers (their first token):
+the chaos trainer's backend refuses to train a batch holding it (a poisonous datum).
+Prompt ids are 1 and 3 or more, other sampled ids 3 or more."""
 
 
 class FaultyUpstream:
     """The handlers, the fault draws and their counts."""
 
     def __init__(self, error_rate: float, timeout_rate: float, hang_seconds: float,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, poison_rate: float = 0.0) -> None:
         self.error_rate = error_rate
+        self.poison_rate = poison_rate
         self.timeout_rate = timeout_rate
         self.hang_seconds = hang_seconds
         self.stats: Counter[str] = Counter()
@@ -77,6 +83,9 @@ class FaultyUpstream:
 
     def _tokens(self) -> tuple[list[int], list[float]]:
         ids = [self._random.randrange(3, VOCAB) for _ in PIECES]
+        if self._random.random() < self.poison_rate:
+            ids[0] = POISON
+            self.stats["poison"] += 1
         return ids, [round(-self._random.uniform(0.1, 3.0), 4) for _ in PIECES]
 
     def _whole(self, body: dict[str, Any], rid: str) -> dict[str, Any]:
@@ -147,8 +156,10 @@ def main() -> None:
     parser.add_argument("--timeout-rate", type=float, default=0.0)
     parser.add_argument("--hang-seconds", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--poison-rate", type=float, default=0.0)
     args = parser.parse_args()
-    upstream = FaultyUpstream(args.error_rate, args.timeout_rate, args.hang_seconds, args.seed)
+    upstream = FaultyUpstream(args.error_rate, args.timeout_rate, args.hang_seconds, args.seed,
+                              args.poison_rate)
     web.run_app(upstream.app(), host="127.0.0.1", port=args.port, print=None,
                 access_log=None)
 

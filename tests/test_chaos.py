@@ -28,8 +28,10 @@ def _turn(turn_id: str, response_id: str) -> dict[Any, Any]:
     return {"kind": "turn.v1", "data": json.dumps({"id": turn_id, "response_id": response_id})}
 
 
-def _scored(turn_id: str) -> dict[Any, Any]:
-    return {"kind": "scored.v1", "data": json.dumps({"id": turn_id, "turn": {"id": turn_id}})}
+def _scored(turn_id: str, revision: int = 0) -> dict[Any, Any]:
+    message_id = turn_id if revision == 0 else f"{turn_id}:r{revision}"
+    return {"kind": "scored.v1", "data": json.dumps({"id": message_id, "turn": {"id": turn_id},
+                                                     "revision": revision})}
 
 
 def test_accounting_finds_lost_duplicated_and_dead_lettered_turns(
@@ -41,6 +43,7 @@ def test_accounting_finds_lost_duplicated_and_dead_lettered_turns(
     client.xadd(turns, _turn("t6b", "r6"))  # r6 recorded twice
     for turn_id in ("t1", "t2", "t2", "t4", "t5", "t6"):  # t2 scored twice, t3 never
         client.xadd(scored, _scored(turn_id))
+    client.xadd(scored, _scored("t1", revision=1))  # late feedback: not a second score
     for turn_id in ("t1", "t2", "t4", "t6"):
         client.sadd(keys.handled(GROUP_SKILL_MINER, turn_id), "c1:1-0:1")
         client.sadd(keys.handled(GROUP_TRAINER, turn_id), "c1:1-0:1")
@@ -91,13 +94,27 @@ async def test_an_answer_waits_until_its_turn_is_in_redis_or_the_spool(
 
 def test_chaos_reduced_nothing_lost_nothing_twice(tmp_path: Path) -> None:
     report = run(ChaosConfig(tmp_path / "run", turns=400, faults_per_kind=1, concurrency=8,
-                             rate=30, batch_size=16, drain_timeout=60, seed=11))
+                             rate=30, batch_size=16, drain_timeout=60, seed=11,
+                             poison_rate=0.03, transient_rate=0.1, refuse_rate=0.3,
+                             feedback_share=0.05, feedback_delay=4.0))
     print(report.render())
     acc = report.accounting
     assert report.drained, report.render()
     assert acc.lost == 0 and acc.duplicated == 0, report.render()
-    assert report.faults == {("redis_restart" if k == "redis" else f"sigkill_{k}"): 1
-                             for k in KILLED + RESTARTED}
+    assert report.faults == {**{("redis_restart" if k == "redis" else f"sigkill_{k}"): 1
+                                for k in KILLED + RESTARTED}, "rollback": 1}
+    # The learning half: a step after every fault, poisonous batches set aside, forced
+    # refusals and transient failures survived, late feedback used exactly once.
+    learning = report.learning
+    assert learning.stalled_after == [] and learning.faults == 7, report.render()
+    assert learning.quarantined_batches >= 1 and learning.step_errors >= 3, report.render()
+    assert learning.refused >= 1 and learning.transient_retries >= 1, report.render()
+    assert learning.published >= 2 and learning.rolled_back_to is not None, report.render()
+    use = report.feedback_use
+    assert use.given >= 5 and use.late >= 1, report.render()
+    assert use.unused == 0 and use.used_twice == 0, report.render()
+    assert report.feedback.statuses["404"] == 0, report.render()
+    assert report.ok
     assert report.upstream_faults.get("error_500", 0) > 0
     assert report.upstream_faults.get("timeout", 0) > 0
     answered = len(report.load.answered)
