@@ -245,6 +245,7 @@ class StreamWorker:
         """Consume until ``stop()``. Redis outages are waited out, never raised."""
         log.info("worker.started", extra=self.log_fields())
         lease = asyncio.create_task(self._keep_claims(), name=f"lease:{self.stream}")
+        lease.add_done_callback(self._lease_ended)
         try:
             while not self._stopping.is_set():
                 await self._step_guarded()
@@ -383,6 +384,12 @@ class StreamWorker:
                    if now - since >= 2 * period]
             for start in range(0, len(due), LEASE_CHUNK):
                 await self._renew(due[start:start + LEASE_CHUNK], now)
+
+    def _lease_ended(self, task: asyncio.Task[None]) -> None:
+        """A lease task only ends cancelled; anything else is a bug worth a loud log (the
+        entries in hand would then be reclaimed after the idle time, as without a lease)."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker.lease_failed", exc_info=task.exception(), extra=self.log_fields())
 
     async def _renew(self, entry_ids: list[str], now: float) -> None:
         try:
