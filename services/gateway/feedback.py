@@ -179,7 +179,7 @@ class FeedbackHandler:
         self._keys = keys
         self._recorder = recorder
         self._ttl = settings.feedback_window_seconds
-        self._maxlen = settings.stream_maxlen
+        self._maxlen = settings.resolved_stream_hard_maxlen()  # read by a group
         self._wait = settings.feedback_not_found_wait_seconds
 
     async def __call__(self, request: Request) -> Response:

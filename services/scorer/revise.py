@@ -126,7 +126,8 @@ class Revisions:
         exclude = {"entry"} if not replaces else set()
         return {"keys": [self.keys.dedupe("scored", scored.id), self.keys.stream(SCORED),
                          self.keys.session_scored(turn.tenant, turn.session_id)],
-                "args": [self.settings.dedupe_ttl_seconds, self.settings.stream_maxlen,
+                "args": [self.settings.dedupe_ttl_seconds,
+                         self.settings.resolved_stream_hard_maxlen(),  # read by groups
                          scored.kind, orjson.dumps(scored.model_dump(mode="json")),
                          "" if record is None else str(record.index),
                          b"" if record is None else record.model_dump_json(exclude=exclude),
