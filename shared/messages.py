@@ -74,6 +74,18 @@ class TokenLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     logprobs: list[float] = Field(default_factory=list)
     prompt_token_ids: list[int] = Field(default_factory=list)
+    logprobs_kind: Literal["processed", "raw"] | None = None
+    """Which distribution ``logprobs`` are of: ``processed``, the one each token was
+    actually drawn from (after temperature, top_p, top_k; vLLM's ``processed_logprobs``);
+    ``raw``, the model's untempered softmax; None, the upstream did not say."""
+    temperature: float | None = None
+    """The temperature the tokens were sampled at (0: greedy); None when not recorded."""
+    top_p: float | None = None
+    """The nucleus mass the tokens were sampled with (1: none); None when not recorded."""
+    top_k: int | None = None
+    """The top-k cut the tokens were sampled with (0 or -1: none); None when not recorded."""
+    seed: int | None = None
+    """The sampler's seed, when the request set one."""
 
 
 class Usage(BaseModel):
