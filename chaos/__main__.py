@@ -1,8 +1,11 @@
 """``python -m chaos`` (``make chaos``): at least 5,000 turns through the gateway while
 every kind of process is SIGKILLed and restarted, Redis is restarted on its append-only
-file, and the upstream answers 500 or times out; then every answered turn is accounted
-for (see ``chaos.account``). Exits 1 when a turn was lost or duplicated, or the pipeline
-did not drain. The figures also go to ``<data-dir>/chaos.json``.
+file, the upstream answers 500 or times out, the trainer meets poisonous datums,
+transient backend failures and forced gate refusals, an operator rolls back once and
+users send late feedback; then every answered turn is accounted for (see
+``chaos.account``) and every fault must be followed by a training step. Exits 1 when a
+turn was lost or duplicated, feedback was not used exactly once, the trainer stalled, or
+the pipeline did not drain. The figures also go to ``<data-dir>/chaos.json``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from chaos.faults import KILLED, RESTARTED
+from chaos.faults import KILLED, RESTARTED, ROLLBACK
 from chaos.run import ChaosConfig, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +35,9 @@ def main() -> None:
     parser.add_argument("--timeout-rate", type=float, default=0.02,
                         help="share of upstream requests that time out")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--kinds", default=",".join(KILLED + RESTARTED),
-                        help="comma-separated processes to hit (default: all)")
+    parser.add_argument("--kinds", default=",".join(KILLED + RESTARTED + (ROLLBACK,)),
+                        help="comma-separated faults: processes to kill, redis, rollback "
+                             "(default: all)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="default: var/chaos/run-<time>")
     args = parser.parse_args()

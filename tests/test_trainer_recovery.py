@@ -388,3 +388,33 @@ async def test_the_step_loop_waits_out_a_redis_restart(
         stopping.set()
         await task
         await client.aclose()
+
+
+async def test_a_poisonous_turn_is_quarantined_while_its_batch_changes(
+        redis_server: RedisServer, namespace: str, tiny_model: Path, tmp_path: Path) -> None:
+    """Found by make chaos: after a Redis restart, older turns kept arriving late, so the
+    oldest batch changed with every try; tries were counted per batch, never reached the
+    limit, and the trainer retried the poisonous turn for good with a growing backoff."""
+    settings = settings_for(namespace, redis_server.url, tiny_model, tmp_path,
+                            trainer_retry_backoff_seconds=0.01)
+    client = aioredis.from_url(redis_server.url)
+    trainer = make_trainer(settings, client, tiny_model, tmp_path / "st", FlakyBackend)
+    await trainer.start()
+    await trainer.on_scored(poisoned(500, -1.0), "0-0")  # its group: 501, rewarded 1
+    for i in range(501, 504):
+        await trainer.on_scored(scored_turn(i, 1.0 if i % 2 else -1.0), "0-0")
+    for late in range(4):  # before each try, an older turn arrives and joins the batch
+        batch = await trainer._next_batch()
+        assert batch is not None
+        await trainer.attempt(batch)
+        await trainer.on_scored(scored_turn(499 - late, 1.0 if late % 2 else -1.0), "0-0")
+    quarantine = Keys(namespace).trainer("reef", "quarantine")
+    (entry,) = await client.xrange(quarantine)
+    assert "001500-turn" in orjson.loads(entry[1][b"turn_ids"])  # after 3 tries
+    assert len(orjson.loads(entry[1][b"turn_ids"])) == 1  # the late arrivals stay
+    batch = await trainer._next_batch()
+    assert batch is not None
+    await trainer.attempt(batch)  # and train: their tries start afresh
+    assert len(weights_events(redis_server.client(), namespace)) == 1
+    assert await client.xlen(quarantine) == 1
+    await client.aclose()

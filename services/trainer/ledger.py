@@ -16,7 +16,6 @@ from services.trainer.gate import Snapshot
 from services.trainer.metrics import TrainerMetrics
 from services.trainer.state import (
     Version,
-    batch_digest,
     checkpoint_name,
     dump_kept,
     dump_version,
@@ -38,10 +37,12 @@ class Ledger:
     gate's snapshot of one adapter; every change is written to the state hash."""
 
     def __init__(self, settings: Settings, redis: aioredis.Redis, state_key: str,
-                 backend: TrainingBackend, metrics: TrainerMetrics) -> None:
+                 tries_key: str, backend: TrainingBackend, metrics: TrainerMetrics) -> None:
         self.settings = settings
         self.redis = redis
         self.state_key = state_key
+        self.tries_key = tries_key
+        """Hash: turn id -> tries at a step holding it that did not come back."""
         self.backend = backend
         self.metrics = metrics
         self.version = 0
@@ -59,18 +60,20 @@ class Ledger:
         await asyncio.to_thread(self.backend.restore, self.live.checkpoint())
 
     async def settle_failure(self, ids: list[str], exc: Exception, transient: bool) -> None:
-        """Note the failure on the batch's attempt record (a transient one takes its try
-        back), drop the in-flight record, and restore the live version's weights. A
-        failure here (Redis or the backend still down) is left to the next try."""
+        """Note the failure (a transient one takes its try back from every turn of the
+        batch; another is kept as the last error), drop the in-flight record, and restore
+        the live version's weights. A failure here (Redis or the backend still down) is
+        left to the next try."""
         try:
+            if transient:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    for turn_id in ids:
+                        pipe.hincrby(self.tries_key, turn_id, -1)
+                    await pipe.execute()
+            else:
+                await self.redis.hset(self.state_key, "last_error",
+                                      f"{type(exc).__name__}: {exc}"[:1000])
             state = cast(dict[bytes, bytes], await self.redis.hgetall(self.state_key))
-            record = orjson.loads(state.get(b"attempts", b"{}"))
-            if record.get("batch") == batch_digest(ids):
-                if transient:
-                    record["tries"] = max(0, record["tries"] - 1)
-                else:
-                    record["error"] = f"{type(exc).__name__}: {exc}"[:1000]
-                await self.redis.hset(self.state_key, "attempts", orjson.dumps(record))
             self.load(state)
             await self.drop_inflight(state)
             await self.restore_live()
@@ -79,20 +82,21 @@ class Ledger:
                         extra={"error": f"{type(again).__name__}: {again}"[:300]})
             self.needs_restore = True
 
-    async def count_attempt(self, ids: list[str]) -> tuple[int, str]:
-        """Record one more try at this batch (durably, before training, so that a
-        process dying mid-step counts); returns the tries so far and the last error."""
+    async def count_attempt(self, ids: list[str]) -> tuple[dict[str, int], str]:
+        """Record one more try at each turn of a batch (durably, before training, so that
+        a process dying mid-step counts); returns every turn's tries so far and the last
+        error. Counted per turn, not per batch: a batch's make-up changes as late turns
+        arrive, and a poisonous turn must still reach the limit."""
         if self.needs_restore:  # a recovery that failed: the backend may hold a half step
             await self.restore_live()
             self.needs_restore = False
-        digest = batch_digest(ids)
-        raw = await self.redis.hget(self.state_key, "attempts")
-        record = orjson.loads(raw) if raw else {}
-        if record.get("batch") != digest:
-            record = {"batch": digest, "tries": 0, "error": ""}
-        record["tries"] += 1
-        await self.redis.hset(self.state_key, "attempts", orjson.dumps(record))
-        return int(record["tries"]), str(record["error"])
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for turn_id in ids:
+                pipe.hincrby(self.tries_key, turn_id, 1)
+            pipe.expire(self.tries_key, self.settings.dedupe_ttl_seconds)
+            pipe.hget(self.state_key, "last_error")
+            *counts, _, error = await pipe.execute()
+        return dict(zip(ids, (int(c) for c in counts), strict=True)), (error or b"").decode()
 
     async def retain(self) -> None:
         """Delete the checkpoints retention does not keep (state first, then storage: a
@@ -191,7 +195,7 @@ class Ledger:
             pipe.hset(self.state_key, mapping={
                 "live": dump_version(self.live), "lineage": orjson.dumps(self.lineage),
                 "kept": dump_kept(self.kept)})
-            pipe.hdel(self.state_key, "rollback", "snapshot", "attempts")
+            pipe.hdel(self.state_key, "rollback", "snapshot")
             await pipe.execute()
         self.metrics.rollbacks.inc()
         self.metrics.live_version.set(number)

@@ -16,8 +16,8 @@ A turn is trained at most once, also across crashes:
 
 The step loop never dies quietly: a transient failure (network, Tinker, the teacher) is
 retried with backoff; any other failure of a batch, or a process that died during it,
-counts as an attempt, and after ``trainer_max_batch_failures`` attempts the batch is
-quarantined (``Keys.trainer(adapter, "quarantine")``, with the reason) and training
+counts as a try of each turn of the batch, and turns tried ``trainer_max_batch_failures``
+times are quarantined (``Keys.trainer(adapter, "quarantine")``, with the reason) and training
 moves on. ``reef rollback N`` asks for a rollback in the state hash; the trainer makes N
 live again and goes on training from N.
 """
@@ -38,18 +38,26 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
-from services.trainer.backend import Checkpoint, Datum, StepError, TrainingBackend
+from services.trainer.backend import (
+    RATIO_LOSSES,
+    Checkpoint,
+    Datum,
+    StepError,
+    TrainingBackend,
+)
 from services.trainer.gate import Snapshot, decide, mean_completion_lp, replay_datums
 from services.trainer.ledger import Ledger
 from services.trainer.metrics import TrainerMetrics
 from services.trainer.opd import Teacher, opd_advantages
 from services.trainer.samples import (
     NotTrainable,
+    RunningBaseline,
     Sample,
     adapter_label,
     advantages,
     is_held_out,
     kl_shaped,
+    normalised,
     to_datums,
     to_sample,
 )
@@ -119,7 +127,11 @@ class Trainer:
         self.state_key = self.keys.trainer(self.adapter, "state")
         self.holdout_key = self.keys.trainer(self.adapter, "holdout")
         self.quarantine_key = self.keys.trainer(self.adapter, "quarantine")
-        self.ledger = Ledger(settings, redis, self.state_key, backend, metrics)
+        self.baseline_key = self.keys.trainer(self.adapter, "baseline")
+        self._baseline = RunningBaseline()
+        """The running baseline as the current step read it (its commit updates it)."""
+        self.tries_key = self.keys.trainer(self.adapter, "tries")
+        self.ledger = Ledger(settings, redis, self.state_key, self.tries_key, backend, metrics)
         self._backoff = 0.0
         self._started = False
         self._resumed: tuple[Checkpoint | None] | None = None
@@ -142,7 +154,8 @@ class Trainer:
             # Distillation needs no reward: the teacher's logprobs are the signal.
             message = message.model_copy(update={"reward": 0.0, "trainable": True})
         try:
-            sample = to_sample(message, self.adapter)
+            sample = to_sample(message, self.adapter,
+                               ratio_loss=self.settings.loss_fn in RATIO_LOSSES)
         except NotTrainable as exc:
             self.metrics.samples.labels(str(exc)).inc()
             return
@@ -209,12 +222,18 @@ class Trainer:
 
     async def attempt(self, batch: list[Sample]) -> float:
         """One supervised try at a step on ``batch``; returns how long to back off before
-        the next try (0 after a success). A batch tried ``trainer_max_batch_failures``
-        times without success is quarantined instead."""
+        the next try (0 after a success). Turns tried ``trainer_max_batch_failures`` times
+        without success are quarantined instead: a whole batch when it failed as it is, the
+        turns over the limit when late arrivals changed it meanwhile (the rest stays
+        buffered and counts its tries afresh)."""
         ids = [s.turn_id for s in batch]
         tries, last_error = await self.ledger.count_attempt(ids)
-        if tries > self.settings.trainer_max_batch_failures:
-            await self._quarantine(batch, last_error or "the trainer died during each try")
+        doomed = [s for s in batch if tries[s.turn_id] > self.settings.trainer_max_batch_failures]
+        if doomed:
+            await self._quarantine(doomed, last_error or "the trainer died during each try")
+            # The culprit is likely gone with them: the others start counting afresh.
+            await self.redis.hdel(self.tries_key, *ids)
+            self._backoff = 0.0
             return 0.0
         try:
             await self.step(batch)
@@ -252,7 +271,8 @@ class Trainer:
             for turn_id in ids:
                 pipe.set(self.keys.trained(self.adapter, turn_id), 0, nx=True,
                          ex=self.settings.dedupe_ttl_seconds)
-            pipe.hdel(self.state_key, "attempts", "inflight")
+            pipe.hdel(self.tries_key, *ids)
+            pipe.hdel(self.state_key, "inflight")
             await pipe.execute()
         self.metrics.samples.labels("quarantined").inc(len(ids))
         log.error("trainer.batch_quarantined", extra={"turns": len(ids),
@@ -287,6 +307,7 @@ class Trainer:
         datums, advs = await self._datums(batch)
         if not datums:  # identical rewards: nothing to learn, and no step to pretend
             await self.redis.hdel(self.buffer_key, *ids)
+            await self.redis.hdel(self.tries_key, *ids)
             self.metrics.samples.labels("zero_advantage").inc(len(ids))
             return
         number = self.ledger.version + 1
@@ -311,17 +332,21 @@ class Trainer:
 
     async def _datums(self, batch: list[Sample]) -> tuple[list[Datum], list[float]]:
         """The batch's datums (RL, RL with the KL to the base, or distillation) and the
-        advantage of each sample."""
+        advantage of each sample: group baselines, else the running baseline (read here;
+        the step's commit updates it), per-token advantages normalised over the batch."""
         if self.teacher is not None:
             datums, advs, kl = await self._distillation_datums(batch)
             self.metrics.kl.set(kl)
             return datums, advs
-        advs = advantages(batch)
+        self._baseline = RunningBaseline.load(cast(
+            dict[bytes, bytes], await self.redis.hgetall(self.baseline_key)))
+        advs = advantages(batch, self._baseline.mean,
+                          batch_normalize=self.settings.advantage_batch_normalize)
         if self.settings.kl_base_coef > 0:
             datums, kl = await asyncio.to_thread(self._kl_base_datums, batch, advs)
             self.metrics.kl.set(kl)
             return datums, advs
-        return to_datums(batch, advs), advs
+        return to_datums(batch, advs, self.settings.loss_normalization), advs
 
     def _judge(self, snapshot: Snapshot | None, candidate_lp: list[float] | None,
                summary: dict[str, float]) -> str | None:
@@ -438,7 +463,8 @@ class Trainer:
                 pipe.expire(self.keys.trained(self.adapter, turn_id),
                             self.settings.dedupe_ttl_seconds)
             pipe.hset(self.state_key, mapping={"step": number, "kept": dump_kept(kept)})
-            pipe.hdel(self.state_key, "inflight", "attempts")
+            pipe.hdel(self.state_key, "inflight")
+            pipe.hdel(self.tries_key, *ids)
             if publish:
                 pipe.hset(self.state_key, mapping={"live": dump_version(candidate),
                                                    "lineage": orjson.dumps(lineage)})

@@ -13,8 +13,8 @@ compares against, and how often a batch failed. It lives in one Redis hash per a
 - ``kept``: every checkpoint the trainer keeps, by version (retention, below).
 - ``snapshot``: the gate's held-out replay and the live version's logprobs on it.
 - ``inflight``: the batch of the step being trained (and its candidate once saved).
-- ``attempts``: how often the oldest batch was tried (a process that dies mid-step
-  counts too), and its last error, for quarantine.
+- ``last_error``: the last error of a failed step, the reason given to a quarantine
+  (the tries themselves are counted per turn, in ``Keys.trainer(adapter, "tries")``).
 - ``rollback``: a rollback request from ``reef rollback``, applied by the trainer.
 - ``gate_refusal``: the last refusal, for operators.
 
@@ -25,7 +25,6 @@ target; everything else (refused candidates first) is deleted.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -100,11 +99,6 @@ def keep_set(kept: dict[int, Version], live: int, keep_published: int,
     if rollback_to is not None:
         keep.add(rollback_to)
     return keep
-
-
-def batch_digest(turn_ids: list[str]) -> str:
-    """Identifies a batch by its turns (order-independent)."""
-    return hashlib.sha256("\n".join(sorted(turn_ids)).encode()).hexdigest()[:16]
 
 
 # --- (de)serialisation of the hash's JSON fields ----------------------------------------------
