@@ -64,8 +64,20 @@ class Message(BaseModel):
         return {"kind": self.kind.encode(), "data": orjson.dumps(self.model_dump(mode="json"))}
 
 
+SAMPLING_HEADER = "x-reef-sampling"
+"""Response header by which Reef's policy server states how it sampled an answer: a JSON
+object with ``logprobs_kind`` (``processed``, ``raw`` or null for unknown) and the
+effective ``temperature``, ``top_p``, ``top_k``, ``seed`` and ``greedy``. The gateway
+copies it into the turn's :class:`TokenLogprobs`."""
+
+
 class TokenLogprobs(BaseModel):
-    """What the model sampled, as the upstream reported it. Lists are aligned."""
+    """What the model sampled, as the upstream reported it. Lists are aligned.
+
+    The sampling fields say which distribution ``logprobs`` describe, so that an importance
+    ratio can use the behaviour policy's own probabilities. All have defaults: turns
+    recorded before they existed still decode (with the kind unknown).
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -74,6 +86,22 @@ class TokenLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     logprobs: list[float] = Field(default_factory=list)
     prompt_token_ids: list[int] = Field(default_factory=list)
+    logprobs_kind: Literal["processed", "raw"] | None = None
+    """``processed``: log-probabilities of the distribution each token was drawn from
+    (after temperature, top_k and top_p, renormalised over the tokens they kept; 0 for
+    every token of a greedy answer), what vLLM calls processed logprobs. ``raw``: the
+    model's own ``log_softmax(logits)``, whatever the sampling. None: unknown (the upstream
+    did not say, or the turn predates the field)."""
+    temperature: float | None = None
+    """Sampling temperature the upstream used (None: not known; the request sent none and
+    the upstream did not say)."""
+    top_p: float | None = None
+    top_k: int | None = None
+    """Top-k cut-off the upstream used (0 or -1: none; None: not known)."""
+    seed: int | None = None
+    greedy: bool = False
+    """True when the answer was decoded greedily (temperature 0, or top_k 1): its tokens had
+    probability 1 under the behaviour policy, so it carries no importance ratio."""
     logprobs_kind: Literal["processed", "raw"] | None = None
     """Which distribution ``logprobs`` are of: ``processed``, the one each token was
     actually drawn from (after temperature, top_p, top_k; vLLM's ``processed_logprobs``);

@@ -113,3 +113,26 @@ def test_stream_assembly_matches_whole_answer() -> None:
     whole = from_response({"choices": [{"index": 0, "message": answer.message,
                                         "finish_reason": "tool_calls"}]})
     assert whole.message == answer.message and whole.sampled() is None
+
+
+def test_turns_without_sampling_fields_still_decode_and_new_ones_round_trip() -> None:
+    old = orjson.dumps({
+        "kind": "turn.v1", "id": "t-old", "tenant": "t", "session_id": "s",
+        "request_model": "m", "upstream_model": "m", "messages": [],
+        "response_message": {"role": "assistant", "content": "x"},
+        "sampled": {"token_ids": [5, 6], "tokens": ["a", "b"], "logprobs": [-0.5, -1.0],
+                    "prompt_token_ids": [1]}})
+    turn = decode({b"kind": b"turn.v1", b"data": old})
+    assert isinstance(turn, TurnV1) and turn.sampled is not None
+    assert turn.sampled.logprobs_kind is None  # unknown: recorded before Reef said
+    assert (turn.sampled.temperature, turn.sampled.top_p, turn.sampled.top_k,
+            turn.sampled.seed, turn.sampled.greedy) == (None, None, None, None, False)
+    new = turn.model_copy(update={"sampled": turn.sampled.model_copy(update={
+        "logprobs_kind": "processed", "temperature": 0.8, "top_p": 0.95, "top_k": 40,
+        "seed": 7})})
+    back = decode({k.encode(): v for k, v in new.to_fields().items()})
+    assert isinstance(back, TurnV1) and back.sampled == new.sampled
+    with pytest.raises(BadMessage):
+        bad = orjson.loads(old)
+        bad["sampled"]["logprobs_kind"] = "tempered"
+        decode({b"kind": b"turn.v1", b"data": orjson.dumps(bad)})
