@@ -87,22 +87,6 @@ class TokenLogprobs(BaseModel):
     logprobs: list[float] = Field(default_factory=list)
     prompt_token_ids: list[int] = Field(default_factory=list)
     logprobs_kind: Literal["processed", "raw"] | None = None
-    """``processed``: log-probabilities of the distribution each token was drawn from
-    (after temperature, top_k and top_p, renormalised over the tokens they kept; 0 for
-    every token of a greedy answer), what vLLM calls processed logprobs. ``raw``: the
-    model's own ``log_softmax(logits)``, whatever the sampling. None: unknown (the upstream
-    did not say, or the turn predates the field)."""
-    temperature: float | None = None
-    """Sampling temperature the upstream used (None: not known; the request sent none and
-    the upstream did not say)."""
-    top_p: float | None = None
-    top_k: int | None = None
-    """Top-k cut-off the upstream used (0 or -1: none; None: not known)."""
-    seed: int | None = None
-    greedy: bool = False
-    """True when the answer was decoded greedily (temperature 0, or top_k 1): its tokens had
-    probability 1 under the behaviour policy, so it carries no importance ratio."""
-    logprobs_kind: Literal["processed", "raw"] | None = None
     """Which distribution ``logprobs`` are of: ``processed``, the one each token was
     actually drawn from (after temperature, top_p, top_k; vLLM's ``processed_logprobs``);
     ``raw``, the model's untempered softmax; None, the upstream did not say."""
@@ -114,6 +98,10 @@ class TokenLogprobs(BaseModel):
     """The top-k cut the tokens were sampled with (0 or -1: none); None when not recorded."""
     seed: int | None = None
     """The sampler's seed, when the request set one."""
+    greedy: bool = False
+    """True when the answer was decoded greedily (temperature 0, or top_k 1): each token
+    had probability 1 under the behaviour policy (its processed logprob is 0), so it
+    carries no importance ratio."""
 
 
 class Usage(BaseModel):
