@@ -84,3 +84,27 @@ def test_the_trainer_process_exits_non_zero_when_its_step_loop_dies(
     output = log_path.read_text()
     assert code != 0, output[-2000:]
     assert "worker.task_failed" in output and "ServiceFailed" in output
+
+
+class _Unstartable:
+    """A training backend that cannot start (and records that it was closed)."""
+
+    closed = False
+
+    def start(self) -> None:
+        raise RuntimeError("the model does not load")
+
+    def close(self) -> None:
+        type(self).closed = True
+
+
+async def test_the_trainer_closes_its_backend_when_it_stops(
+        redis_server: RedisServer, namespace: str) -> None:
+    """Before: ``close()`` was never called (a Tinker session stayed open)."""
+    from services.trainer.__main__ import serve
+
+    settings = Settings(profile="dev", namespace=namespace, redis_url=redis_server.url,
+                        worker_block_ms=100)
+    with pytest.raises(ServiceFailed, match="model does not load"):
+        await serve(settings, lambda s: (_Unstartable(), None))  # type: ignore[arg-type,return-value]
+    assert _Unstartable.closed
