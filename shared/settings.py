@@ -318,10 +318,38 @@ class Settings(BaseSettings):
     batch_size: int = 16
     """Trainable samples per training step."""
     max_steps: int = 1000
-    loss_fn: Literal["importance_sampling", "ppo", "cispo", "cross_entropy"] = (
-        "importance_sampling")
+    loss_fn: Literal["tis", "importance_sampling", "ppo", "cispo", "cross_entropy"] = "tis"
+    """The policy-gradient loss; the ratio ``r`` is the current policy's probability of a
+    sampled token over the probability it was drawn with. ``tis`` (default): truncated
+    importance sampling, weight ``stopgrad(min(r, tis_cap))`` on ``grad(logprob)``, unbiased
+    wherever ``r <= tis_cap`` and bounded for stale samples; ``ppo``: PPO's clipped
+    objective (drops the gradient of tokens outside ``1 +- ppo_clip``); ``cispo``: clipped
+    weights, ``[1 - ppo_clip, 1 + ppo_clip]``; ``importance_sampling``: unbounded weights;
+    ``cross_entropy``: advantage-weighted likelihood, no ratio."""
     ppo_clip: float = 0.2
     """Clip range of the ratio for ``ppo`` and ``cispo``."""
+    tis_cap: float = Field(2.0, ge=1.0)
+    """``tis``: the most an importance weight may be (at least 1)."""
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    """The global gradient norm is clipped to this before each optimiser step (0: no
+    clipping); the norm before clipping is the step's ``grad_norm`` metric."""
+    loss_normalization: Literal["token_mean", "sequence_sum"] = "token_mean"
+    """How a batch's loss is averaged: ``token_mean`` (default) averages each answer's
+    per-token loss over its own tokens, then the answers over the batch, so each answer
+    counts once whatever its length: the reward is per turn, and organic answers differ in
+    length a hundredfold (under ``sequence_sum`` one long answer outweighs dozens of short
+    ones). ``sequence_sum`` sums each answer's tokens, then averages over the batch, so
+    long answers weigh more (it avoids ``token_mean``'s milder pull: a long answer with a
+    negative advantage is pushed down less per token). Both backends get it as scaled
+    advantages."""
+    advantage_batch_normalize: bool = False
+    """Samples without a group (no other sample of their prompt in the batch) are
+    centred and scaled by the batch's mean and std across unrelated prompts (the old
+    behaviour) instead of by the adapter's running baseline. Off by default."""
+    baseline_decay: float = Field(0.9, ge=0.0, lt=1.0)
+    """The running baseline (the adapter's reward level, for samples without a group) is
+    an exponential moving average of each committed step's mean reward: ``b = decay * b +
+    (1 - decay) * mean`` (the first step sets it; 0, the neutral reward, before)."""
     max_staleness: int = 2
     """Samples produced by a policy more than this many versions old are dropped."""
     checkpoint_keep_published: int = 5

@@ -7,6 +7,7 @@ or ``var``) and prints the step time; it is skipped otherwise.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import time
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from services.trainer.backend import Checkpoint, Datum
 from services.trainer.local import CheckpointError, LocalBackend, micro_batches
 from services.trainer.losses import UnknownLossError
+from services.trainer.samples import Sample, to_datums
 from shared.settings import Settings
 
 VOCAB = 64
@@ -137,7 +139,8 @@ def test_importance_sampling_at_ratio_one_is_minus_sum_of_advantages(
     assert loss == pytest.approx(-sum(advantages), abs=1e-4)
 
 
-@pytest.mark.parametrize("loss_fn", ["importance_sampling", "ppo", "cispo", "cross_entropy"])
+@pytest.mark.parametrize("loss_fn", ["tis", "importance_sampling", "ppo", "cispo",
+                                     "cross_entropy"])
 def test_loss_and_gradient_equal_a_hand_computation(trained: LocalBackend, loss_fn: str) -> None:
     advantages = [1.0, -0.5, 2.0, 0.75, -1.5]
     sampler = [-0.2, -3.0, -6.0, -4.5, -0.1]  # far from the policy: ratios well outside 1 +- 0.2
@@ -152,6 +155,7 @@ def test_loss_and_gradient_equal_a_hand_computation(trained: LocalBackend, loss_
     ratio = torch.exp(lp - old)
     low, high = 0.8, 1.2
     expected = {
+        "tis": lambda: -(ratio.detach().clamp(max=2.0) * lp * adv).sum(),  # tis_cap 2
         "importance_sampling": lambda: -(ratio * adv).sum(),
         "ppo": lambda: -torch.minimum(ratio * adv, ratio.clamp(low, high) * adv).sum(),
         "cispo": lambda: -(ratio.detach().clamp(low, high) * lp * adv).sum(),
@@ -195,11 +199,48 @@ def test_cispo_keeps_a_gradient_where_ppo_clips(trained: LocalBackend) -> None:
         torch.testing.assert_close(cispo[name], 1.2 * ce[name], rtol=1e-4, atol=1e-7)
 
 
+def shifted(d: Datum, by: float) -> Datum:
+    """``d`` with every completion logprob of the sampler moved by ``by`` (ratio e^-by)."""
+    return Datum(d.tokens, [lp + by if a else 0.0 for lp, a in zip(
+        d.logprobs, d.advantages, strict=True)], d.advantages)
+
+
+def test_tis_truncates_large_weights_at_the_cap(trained: LocalBackend) -> None:
+    d = current(trained, datum(1.0))
+    far = shifted(d, -3.0)  # ratio e^3 = 20.1 on every token, above the cap 2
+    loss = trained.forward_backward([far], "tis")
+    tis = lora_grads(trained)
+    result = trained.optim_step(0.0)
+    lp = sum(d.logprobs)  # the current policy's logprobs (ratio 1 in d)
+    assert loss == pytest.approx(-2.0 * lp, rel=1e-4)  # -sum(min(20.1, 2) * lp * 1)
+    assert result.metrics["clip_fraction"] == 1.0  # every weight truncated
+    assert result.metrics["ratio_mean"] == pytest.approx(math.exp(3.0), rel=1e-4)
+    trained.forward_backward([d], "cross_entropy")
+    ce = lora_grads(trained)
+    for name in ce:  # the gradient of a weight-2 likelihood
+        torch.testing.assert_close(tis[name], 2.0 * ce[name], rtol=1e-4, atol=1e-7)
+
+
+def test_tis_below_the_cap_is_the_unbiased_importance_sampling_gradient(
+        trained: LocalBackend) -> None:
+    d = shifted(current(trained, datum([1.0, -0.5, 2.0, 0.75, -1.5])), 1.0)  # ratio e^-1
+    loss = trained.forward_backward([d], "tis")
+    tis = lora_grads(trained)
+    assert trained.optim_step(0.0).metrics["clip_fraction"] == 0.0
+    is_loss = trained.forward_backward([d], "importance_sampling")
+    unbiased = lora_grads(trained)
+    # -(e^-1 * sum(A)) for IS; TIS's loss value differs (-e^-1 * sum(lp * A)), not its gradient
+    assert is_loss == pytest.approx(-math.exp(-1.0) * 1.75, rel=1e-4)  # sum(A) = 1.75
+    assert loss != pytest.approx(is_loss)
+    for name in unbiased:
+        torch.testing.assert_close(tis[name], unbiased[name], rtol=1e-4, atol=1e-7)
+
+
 def test_prompt_positions_with_zero_advantage_change_nothing(trained: LocalBackend) -> None:
     d = datum(1.0)
     junk = [-9.0] * (len(PROMPT) - 1)  # prompt logprobs are ignored where advantage is 0
     noisy = Datum(d.tokens, [*junk, *d.logprobs[len(junk):]], d.advantages)
-    for loss_fn in ("importance_sampling", "ppo", "cispo", "cross_entropy"):
+    for loss_fn in ("tis", "importance_sampling", "ppo", "cispo", "cross_entropy"):
         a = trained.forward_backward([d], loss_fn)
         ga = lora_grads(trained)
         trained.model.zero_grad(set_to_none=True)
@@ -240,6 +281,21 @@ def test_losses_are_summed_not_averaged(trained: LocalBackend) -> None:
     assert trained.optim_step(1e-3).loss == pytest.approx(one + two, rel=1e-6)
 
 
+@pytest.mark.parametrize(("mode", "expected"), [
+    ("token_mean", -(1.0 + -0.5) / 2),  # each answer's advantage once, over 2 samples
+    ("sequence_sum", -(5 * 1.0 + 2 * -0.5) / 2),  # each token's: 5 and 2 tokens
+])
+def test_the_summed_loss_is_the_normalised_one(trained: LocalBackend, mode: str,
+                                              expected: float) -> None:
+    long, short = current(trained, datum(1.0)), current(trained, datum(1.0, completion=[4, 2]))
+    start = len(PROMPT) - 1
+    samples = [Sample(turn_id=str(i), prompt=PROMPT, completion=d.tokens[len(PROMPT):],
+                      logprobs=d.logprobs[start:], reward=0.0, version=0, group=str(i))
+               for i, d in enumerate((long, short))]
+    loss = trained.forward_backward(to_datums(samples, [1.0, -0.5], mode), "importance_sampling")
+    assert loss == pytest.approx(expected, abs=1e-5)  # ratio 1: -sum of scaled advantages
+
+
 def test_micro_batches_change_nothing_but_memory(base_dir: Path, tmp_path: Path) -> None:
     data = [datum([0.5 * i - 1, 1.0, -1.0, 0.5, 2.0], [-0.5, -2.0, -1.0, -3.0, -0.7])
             for i in range(5)]
@@ -264,6 +320,34 @@ def test_micro_batches_respect_the_token_budget() -> None:
 def test_unknown_loss_is_refused(trained: LocalBackend) -> None:
     with pytest.raises(UnknownLossError, match="cispo"):
         trained.forward_backward([datum(1.0)], "dpo")
+
+
+# --- gradient-norm clipping -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [0.05, 0.0, 1e6])
+def test_the_gradient_norm_is_clipped_before_the_step_and_reported_unclipped(
+        base_dir: Path, tmp_path: Path, limit: float) -> None:
+    """Defect: no gradient clipping (one stale token's huge ratio moved the whole step)."""
+    b = LocalBackend(settings(max_grad_norm=limit), base_dir, tmp_path / "state")
+    b.start()
+    perturb(b)
+    b.forward_backward([datum([1.0, -0.5, 2.0, 0.75, -1.5], [-0.2, -3.0, -6.0, -4.5, -0.1])],
+                       "importance_sampling")
+    grads = lora_grads(b)
+    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
+    result = b.optim_step(1e-3)
+    assert norm > 0.05
+    assert result.metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)  # before clipping
+    clipped = 0 < limit < norm
+    assert result.metrics["grad_clipped"] == float(clipped)
+    scale = limit / (norm + 1e-6) if clipped else 1.0  # torch's clip_grad_norm_ coefficient
+    # AdamW's first moment after one step is (1 - beta1) times the gradient it was given.
+    params = dict(b.model.named_parameters())
+    state = b._require_optimizer().state
+    for name, grad in grads.items():
+        torch.testing.assert_close(state[params[name]]["exp_avg"], 0.1 * scale * grad,
+                                   rtol=1e-4, atol=1e-9)
 
 
 # --- learning -------------------------------------------------------------------------------

@@ -299,6 +299,31 @@ def test_a_step_calls_tinker_in_order_and_reads_every_result(
                                     adapter_path="tinker://run-1/sampler_weights/step-000001")
 
 
+def test_tis_is_tinker_s_cispo_with_the_thresholds_zero_and_the_cap(
+        cloud: Cloud, make_backend: Callable[..., TinkerBackend]) -> None:
+    """Truncated IS, -stopgrad(min(r, cap)) * lp * A, is Tinker's cispo,
+    -stopgrad(clip(r, low, high)) * lp * A, with low 0 (a ratio is never below it)."""
+    backend = make_backend(tis_cap=3.0)
+    backend.start()
+    backend.forward_backward(sample_datums(), "tis")
+    fwd = cloud.calls[-1][1]
+    assert fwd["loss_fn"] == "cispo"
+    assert fwd["loss_fn_config"] == {"clip_low_threshold": 0.0, "clip_high_threshold": 3.0}
+    assert set(fwd["data"][0].loss_fn_inputs) == {"target_tokens", "logprobs", "advantages"}
+
+
+@pytest.mark.parametrize(("overrides", "clip"), [({}, 1.0), ({"max_grad_norm": 0.3}, 0.3),
+                                                  ({"max_grad_norm": 0.0}, 0.0)])
+def test_the_optimiser_clips_the_gradient_norm(
+        cloud: Cloud, make_backend: Callable[..., TinkerBackend], overrides: dict[str, Any],
+        clip: float) -> None:
+    backend = make_backend(**overrides)
+    backend.start()
+    backend.forward_backward(sample_datums(), "tis")
+    backend.optim_step(1e-4)
+    assert cloud.calls[-1][1]["params"].grad_clip_norm == clip  # Tinker: 0 = no clipping
+
+
 def test_importance_sampling_sends_no_loss_config(
         cloud: Cloud, make_backend: Callable[..., TinkerBackend]) -> None:
     backend = make_backend()

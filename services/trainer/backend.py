@@ -6,9 +6,13 @@ Conventions follow Tinker's, so both backends train on the same data the same wa
   re-tokenized). Its model input is ``seq[:-1]`` and its targets ``seq[1:]``.
 - ``logprobs`` (the sampler's, i.e. the behaviour policy's) and ``advantages`` are given per
   *target* position, 0 on prompt positions: there is no separate mask.
-- Losses are **summed** over tokens and datums (not averaged):
-  - ``importance_sampling``: ``-sum(exp(lp - lp_old) * A)``
-  - ``ppo``: ``-sum(min(r * A, clip(r, 1 - eps, 1 + eps) * A))`` with ``r = exp(lp - lp_old)``
+- Losses are **summed** over tokens and datums (not averaged); how a batch is averaged
+  (per answer, or per token) is decided by the trainer, which scales the advantages
+  (:func:`services.trainer.samples.normalised`), so that both backends agree:
+  - ``tis``: ``-sum(stopgrad(min(r, cap)) * lp * A)``, truncated importance sampling, with
+    ``r = exp(lp - lp_old)`` (on Tinker: its ``cispo`` with the thresholds ``[0, cap]``)
+  - ``importance_sampling``: ``-sum(r * A)`` (unbounded weights)
+  - ``ppo``: ``-sum(min(r * A, clip(r, 1 - eps, 1 + eps) * A))``
   - ``cispo``: ``-sum(stopgrad(clip(r, 1 - eps, 1 + eps)) * lp * A)``
   - ``cross_entropy``: ``-sum(lp * A)`` (advantages act as per-token weights)
 """
@@ -17,6 +21,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol
+
+LOSS_FNS = ("tis", "importance_sampling", "ppo", "cispo", "cross_entropy")
+"""The loss functions both backends implement (``loss_fn``)."""
+RATIO_LOSSES = frozenset({"tis", "importance_sampling", "ppo", "cispo"})
+"""Losses weighted by the importance ratio ``exp(lp - lp_old)``: they need the logprobs of
+the distribution each token was drawn from (greedy turns have none)."""
+
+
+def ratio_bounds(loss_fn: str, ppo_clip: float, tis_cap: float) -> tuple[float, float] | None:
+    """The interval a loss clips (``ppo``, ``cispo``: ``[1 - ppo_clip, 1 + ppo_clip]``) or
+    truncates (``tis``: ``[0, tis_cap]``) the ratio to; None for the others."""
+    if loss_fn in ("ppo", "cispo"):
+        return 1.0 - ppo_clip, 1.0 + ppo_clip
+    if loss_fn == "tis":
+        return 0.0, tis_cap
+    return None
 
 
 class StepError(RuntimeError):

@@ -3,7 +3,8 @@
 Same contract as Tinker (:mod:`services.trainer.backend`): datums of sampled token ids,
 logprobs and advantages per target position, losses summed over tokens and datums, AdamW
 with Tinker's default hyper-parameters (:data:`ADAM_BETAS`, :data:`ADAM_EPS`,
-:data:`ADAM_WEIGHT_DECAY`, no gradient clipping).
+:data:`ADAM_WEIGHT_DECAY`), the global gradient norm clipped to ``max_grad_norm`` before
+each step (Tinker's ``AdamParams.grad_clip_norm``; 0: no clipping).
 
 How a step is computed:
 
@@ -50,7 +51,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import AutoModelForCausalLM
 
-from services.trainer.backend import Checkpoint, Datum, StepResult
+from services.trainer.backend import Checkpoint, Datum, StepResult, ratio_bounds
 from services.trainer.losses import LossStats, token_loss
 from shared.settings import Settings
 
@@ -378,7 +379,8 @@ class LocalBackend:
     def forward_backward(self, datums: list[Datum], loss_fn: str) -> float:
         """Accumulate the gradients of the loss summed over tokens and datums; return it."""
         loss_of = token_loss(loss_fn)
-        clip = self.settings.ppo_clip
+        low, high = ratio_bounds(loss_fn, self.settings.ppo_clip,
+                                 self.settings.tis_cap) or (0.0, float("inf"))
         with self._lock:
             model = self.model
             total = 0.0
@@ -389,23 +391,22 @@ class LocalBackend:
                 keep = batch.real & (batch.advantages != 0)
                 logprobs = target_logprobs(model, batch, keep)
                 old, advantages = batch.sampler_logprobs[keep], batch.advantages[keep]
-                loss = loss_of(logprobs, old, advantages, clip).sum()
+                loss = loss_of(logprobs, old, advantages, low, high).sum()
                 loss.backward()  # type: ignore[no-untyped-call]
                 value = float(loss.detach())
-                self._stats.add(value, logprobs, old, clip)
+                self._stats.add(value, logprobs, old, low, high)
                 total += value
                 del logprobs, loss
             self._loss_fn = loss_fn
             return total
 
     def optim_step(self, learning_rate: float) -> StepResult:
-        """One AdamW step on the gradients accumulated since the last step."""
+        """One AdamW step on the gradients accumulated since the last step, their global
+        norm first clipped to ``max_grad_norm`` (the metric ``grad_norm`` is the norm
+        before clipping; ``grad_clipped`` is 1 when it was clipped)."""
         with self._lock:
             optimizer = self._require_optimizer()
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            grads = [p.grad for p in params if p.grad is not None]
-            grad_norm = float(torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+            grad_norm, clipped = self._clip_gradients(optimizer)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate
             optimizer.step()
@@ -413,8 +414,22 @@ class LocalBackend:
             self.step += 1
             stats, self._stats = self._stats, LossStats()
             metrics = {**stats.metrics(self._loss_fn), "grad_norm": grad_norm,
-                       "learning_rate": learning_rate}
+                       "grad_clipped": float(clipped), "learning_rate": learning_rate}
             return StepResult(step=self.step, loss=stats.loss, metrics=metrics)
+
+    def _clip_gradients(self, optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
+        """The global L2 norm of the accumulated gradients, and whether it was scaled down
+        to ``max_grad_norm`` (``torch.nn.utils.clip_grad_norm_``; 0 leaves it as it is)."""
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None]
+        if not params:
+            return 0.0, False
+        limit = self.settings.max_grad_norm
+        if limit > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+            return norm, norm > limit
+        grads = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(grads))), False
 
     def _require_optimizer(self) -> torch.optim.AdamW:
         if self._optimizer is None:

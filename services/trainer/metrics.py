@@ -17,6 +17,10 @@ class TrainerMetrics:
     reward_mean: Gauge
     advantage_abs_mean: Gauge
     kl: Gauge
+    baseline: Gauge
+    """The running baseline: the adapter's reward level after the last committed step."""
+    grad_norm: Gauge
+    """Global gradient norm of the last step, before clipping to ``max_grad_norm``."""
     samples: Counter
     """Samples by fate: buffered, trained, and dropped reasons (stale, no_tokens ...)."""
     step_seconds: Histogram
@@ -48,6 +52,10 @@ class TrainerMetrics:
             kl=Gauge("reef_trainer_kl", "Mean per-token KL estimate to the teacher (opd) or to the "
                      "base model (rl with kl_base_coef).",
                      registry=reg),
+            baseline=Gauge("reef_trainer_reward_baseline", "Running baseline (EMA of each "
+                           "step's mean reward) for samples without a group.", registry=reg),
+            grad_norm=Gauge("reef_trainer_grad_norm", "Global gradient norm of the last "
+                            "step, before clipping (local backend).", registry=reg),
             samples=Counter("reef_trainer_samples_total", "Samples by fate.", ["fate"],
                             registry=reg),
             step_seconds=Histogram("reef_trainer_step_seconds", "forward_backward + "

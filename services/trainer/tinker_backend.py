@@ -18,7 +18,8 @@ SDK calls relied on (``tinker`` 0.38.0; each returns a future, read with ``.resu
   ``forward(...)`` -> ``ForwardBackwardOutput``: the summed loss is
   ``metrics["loss:sum"]``; ``loss_fn_outputs[i]["logprobs"]`` are the current policy's
   target logprobs (``TensorData``)
-- ``TrainingClient.optim_step(AdamParams(...))`` -> ``OptimStepResponse.metrics``
+- ``TrainingClient.optim_step(AdamParams(..., grad_clip_norm=))`` ->
+  ``OptimStepResponse.metrics`` (Tinker clips the global gradient norm; 0 does not)
 - ``TrainingClient.save_state(name)`` -> ``SaveWeightsResponse.path`` (weights + optimizer);
   ``save_weights_for_sampler(name)`` -> ``SaveWeightsForSamplerResponse.path``
 - ``ServiceClient.create_sampling_client(model_path=)`` -> ``SamplingClient``
@@ -50,13 +51,23 @@ import numpy as np
 import tinker
 from tinker import types as ttypes
 
-from services.trainer.backend import Checkpoint, Datum, StepError, StepResult
+from services.trainer.backend import (
+    LOSS_FNS,
+    Checkpoint,
+    Datum,
+    StepError,
+    StepResult,
+    ratio_bounds,
+)
 from shared.settings import ConfigError, Settings
 
 log = logging.getLogger("reef.trainer.tinker")
 
-LOSS_FNS = frozenset({"importance_sampling", "ppo", "cispo", "cross_entropy"})
-"""Tinker's built-in losses Reef uses (the same four the local backend implements)."""
+WIRE_LOSS = {"tis": "cispo"}
+"""Reef's losses that Tinker computes under another built-in's name. Truncated importance
+sampling, ``-stopgrad(min(r, cap)) * lp * A``, is Tinker's ``cispo``,
+``-stopgrad(clip(r, low, high)) * lp * A``, with the thresholds ``[0, cap]``: the ratio is
+never below 0, so only the cap acts. The others go by their own names."""
 LOSS_KEY = "loss:sum"
 """Where Tinker reports the summed loss in ``ForwardBackwardOutput.metrics``."""
 ADAM_BETA1 = 0.9
@@ -246,8 +257,9 @@ class TinkerBackend:
         if not datums:
             raise ValueError("forward_backward needs at least one datum")
         data = [to_tinker_datum(d, loss_fn) for d in datums]
+        wire = WIRE_LOSS.get(loss_fn, loss_fn)
         out: ttypes.ForwardBackwardOutput = self._wait(
-            self._client().forward_backward(data, loss_fn, self._loss_config(loss_fn)),
+            self._client().forward_backward(data, wire, self._loss_config(loss_fn)),
             "forward_backward")
         loss = _loss_of(out, "forward_backward")
         self._pending_loss += loss
@@ -260,17 +272,20 @@ class TinkerBackend:
         return loss
 
     def _loss_config(self, loss_fn: str) -> dict[str, float] | None:
-        """PPO and CISPO clip the ratio to ``[1 - ppo_clip, 1 + ppo_clip]``."""
-        if loss_fn in ("ppo", "cispo"):
-            eps = self.settings.ppo_clip
-            return {"clip_low_threshold": 1.0 - eps, "clip_high_threshold": 1.0 + eps}
-        return None
+        """PPO and CISPO clip the ratio to ``[1 - ppo_clip, 1 + ppo_clip]``; TIS (sent as
+        ``cispo``) truncates it to ``[0, tis_cap]``."""
+        bounds = ratio_bounds(loss_fn, self.settings.ppo_clip, self.settings.tis_cap)
+        if bounds is None:
+            return None
+        return {"clip_low_threshold": bounds[0], "clip_high_threshold": bounds[1]}
 
     def optim_step(self, learning_rate: float) -> StepResult:
         """One AdamW step (``beta1``/``beta2``/``eps`` as the module constants, no weight
-        decay: Tinker's defaults) on the gradients accumulated since the last step."""
+        decay: Tinker's defaults) on the gradients accumulated since the last step, their
+        global norm clipped by Tinker to ``max_grad_norm`` (``grad_clip_norm``)."""
         params = ttypes.AdamParams(learning_rate=learning_rate, beta1=ADAM_BETA1,
-                                   beta2=ADAM_BETA2, eps=ADAM_EPS)
+                                   beta2=ADAM_BETA2, eps=ADAM_EPS,
+                                   grad_clip_norm=self.settings.max_grad_norm)
         resp: ttypes.OptimStepResponse = self._wait(self._client().optim_step(params),
                                                     "optim_step")
         self.step += 1
