@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -94,6 +95,15 @@ async def test_steps_publish_weights_and_never_retrain_a_turn(
     await client.aclose()
 
 
+def perturb_lora(backend: LocalBackend) -> None:
+    """Non-zero LoRA B weights: the adapter changes the logits (a fresh one does not)."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in backend.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
 async def test_rl_kl_to_base_trains_even_a_batch_of_equal_rewards(
         redis_server: RedisServer, namespace: str, tiny_model: Path, tmp_path: Path) -> None:
     plain = settings_for(namespace, redis_server.url, tiny_model, tmp_path)
@@ -106,6 +116,9 @@ async def test_rl_kl_to_base_trains_even_a_batch_of_equal_rewards(
             trainer = Trainer(settings, client, LocalBackend(
                 settings, tiny_model, settings.data_dir / "state"), metrics)
             trainer.backend.start()
+            perturb_lora(trainer.backend)  # a policy that differs from the base
+            # The adapter's running baseline is 1: rewards at it carry no signal.
+            await client.hset(trainer.baseline_key, mapping={"mean": "1.0", "steps": "5"})
             batch = [scored_turn(i, 1.0) for i in range(4)]  # all equal: no reward signal
             for message in batch:
                 await trainer.on_scored(message, "0-0")
@@ -115,7 +128,7 @@ async def test_rl_kl_to_base_trains_even_a_batch_of_equal_rewards(
             assert trainer.ledger.version == steps
             events = weights_events(redis_server.client(), settings.namespace)
             assert len(events) == steps
-        # The sampler's logprobs (-3, -2.5, -1) are far from the tiny base's: a KL estimate.
+        # The (perturbed) policy's logprobs differ from the base's: a KL estimate.
         kl = metrics.registry.get_sample_value("reef_trainer_kl")
         assert kl is not None and kl != 0.0
         assert events[0].metrics["datums"] == 4
@@ -218,4 +231,73 @@ async def test_the_gate_refuses_a_regression_and_passes_an_improvement(
             break
     (event,) = weights_events(redis_server.client(), namespace)
     assert event.metrics["gate_candidate_score"] >= event.metrics["gate_live_score"] - 0.05
+    await client.aclose()
+
+
+def organic_turn(i: int, reward: float, **sampling: Any) -> ScoredV1:
+    """A turn whose prompt no other turn shares (organic traffic); ``sampling``: what the
+    sampler recorded about how it sampled."""
+    turn = TurnV1(id=f"{2000 + i:06d}-organic", tenant="t", session_id=f"o{i}", turn_index=0,
+                  request_model="m", upstream_model="m", policy_version="base",
+                  messages=[{"role": "user", "content": "x"}],
+                  response_message={"role": "assistant", "content": "y"},
+                  sampled=TokenLogprobs(token_ids=[20 + i, 30, 2], logprobs=[-3.0, -2.5, -1.0],
+                                        prompt_token_ids=[1, 5 + i, 9, 11], **sampling))
+    return ScoredV1(id=turn.id, turn=turn, reward=reward, trainable=True)
+
+
+async def test_greedy_and_raw_tempered_turns_are_counted_and_never_buffered(
+        redis_server: RedisServer, namespace: str, tiny_model: Path, tmp_path: Path) -> None:
+    settings = settings_for(namespace, redis_server.url, tiny_model, tmp_path)
+    client = aioredis.from_url(redis_server.url)
+    metrics = TrainerMetrics.create()
+    trainer = Trainer(settings, client, LocalBackend(settings, tiny_model, tmp_path / "st"),
+                      metrics)
+    await trainer.on_scored(organic_turn(0, 1.0, logprobs_kind="processed", temperature=0.0,
+                                         greedy=True), "0-0")
+    await trainer.on_scored(organic_turn(1, 1.0, logprobs_kind="raw", temperature=0.8), "0-0")
+    await trainer.on_scored(organic_turn(2, 1.0, logprobs_kind="processed", temperature=0.8,
+                                         top_p=0.95), "0-0")
+
+    def fate(name: str) -> float | None:
+        return metrics.registry.get_sample_value("reef_trainer_samples_total", {"fate": name})
+
+    assert (fate("greedy"), fate("raw_logprobs"), fate("buffered")) == (1.0, 1.0, 1.0)
+    buffered = await client.hgetall(trainer.buffer_key)
+    assert [Sample(**orjson.loads(v)).behaviour for v in buffered.values()] == ["processed"]
+    await client.aclose()
+
+
+async def test_the_running_baseline_moves_once_per_committed_step_and_survives_a_restart(
+        redis_server: RedisServer, namespace: str, tiny_model: Path, tmp_path: Path) -> None:
+    settings = settings_for(namespace, redis_server.url, tiny_model, tmp_path,
+                            baseline_decay=0.5)
+    client = aioredis.from_url(redis_server.url)
+    metrics = TrainerMetrics.create()
+    trainer = Trainer(settings, client, LocalBackend(settings, tiny_model, tmp_path / "st"),
+                      metrics)
+    trainer.backend.start()
+    key = Keys(namespace).trainer("reef", "baseline")
+    rounds = [[1.0, 0.5, 0.0, -0.5], [1.0, 1.0, 1.0, 0.5]]
+    for n, rewards in enumerate(rounds):
+        for i, reward in enumerate(rewards):
+            await trainer.on_scored(organic_turn(4 * n + i, reward), "0-0")
+        batch = await trainer._next_batch()
+        assert batch is not None
+        await trainer.step(batch)
+    events = weights_events(redis_server.client(), namespace)
+    # step 1: no baseline yet (0): |1|, |0.5|, |0|, |-0.5| -> 0.5; it becomes the mean, 0.25
+    # step 2: |1 - 0.25| x3, |0.5 - 0.25| -> 0.625; then 0.5 * 0.25 + 0.5 * 0.875 = 0.5625
+    assert [e.metrics["advantage_abs_mean"] for e in events] == pytest.approx([0.5, 0.625])
+    assert await client.hgetall(key) == {b"mean": b"0.5625", b"steps": b"2"}
+    assert metrics.registry.get_sample_value("reef_trainer_reward_baseline") == 0.5625
+    restarted = Trainer(settings, client, trainer.backend, TrainerMetrics.create())
+    for i, reward in enumerate([0.5625, 0.5625, 0.5625, 1.5625]):
+        await restarted.on_scored(organic_turn(8 + i, reward), "0-0")
+    batch = await restarted._next_batch()
+    assert batch is not None
+    datums, advs = await restarted._datums(batch)
+    assert advs == pytest.approx([0.0, 0.0, 0.0, 1.0]) and len(datums) == 1
+    # token_mean: 1.0 / (3 tokens x 4 samples) on each completion token
+    assert datums[0].advantages[-3:] == pytest.approx([1 / 12] * 3)
     await client.aclose()

@@ -376,17 +376,22 @@ class Trainer:
                         ) -> tuple[list[Datum], float]:
         """RL datums with the KL penalty to the base model in their per-token advantages
         (every sample: the penalty trains even where the reward advantage is zero), and the
-        mean per-token KL estimate (sampled minus base logprob). Blocking: a forward pass."""
+        mean per-token KL estimate (policy minus base logprob; the policy's, not the
+        sampler's, which are of the tempered distribution when sampling used a temperature).
+        Blocking: two forward passes."""
         plain = [Datum.from_sample(s.prompt, s.completion, s.logprobs, 0.0) for s in batch]
-        base = self.backend.base_logprobs(plain)
+        base, policy = self.backend.base_logprobs(plain), self.backend.logprobs(plain)
         datums, gaps = [], []
-        for sample, adv, lps in zip(batch, advs, base, strict=True):
-            base_lps = lps[-len(sample.completion):]
-            per_token = kl_shaped(adv, sample.logprobs, base_lps, self.settings.kl_base_coef)
-            gaps += [s - b for s, b in zip(sample.logprobs, base_lps, strict=True)]
+        mode = self.settings.loss_normalization
+        for sample, adv, lps, own in zip(batch, advs, base, policy, strict=True):
+            n = len(sample.completion)
+            base_lps, own_lps = lps[-n:], own[-n:]
+            per_token = kl_shaped(adv, own_lps, base_lps, self.settings.kl_base_coef)
+            gaps += [s - b for s, b in zip(own_lps, base_lps, strict=True)]
             if any(abs(a) > 1e-9 for a in per_token):
                 datums.append(Datum.from_sample(sample.prompt, sample.completion,
-                                                sample.logprobs, per_token))
+                                                sample.logprobs,
+                                                normalised(per_token, len(batch), mode)))
         return datums, statistics.fmean(gaps)
 
     async def _distillation_datums(self, batch: list[Sample]
@@ -402,7 +407,8 @@ class Trainer:
             completion_lps = lps[-len(sample.completion):]
             advs = opd_advantages(sample.logprobs, completion_lps, coef)
             datums.append(Datum.from_sample(sample.prompt, sample.completion, sample.logprobs,
-                                            advs))
+                                            normalised(advs, len(batch),
+                                                       self.settings.loss_normalization)))
             means.append(statistics.fmean(advs))
             gaps += [s - t for s, t in zip(sample.logprobs, completion_lps, strict=True)]
         return datums, means, statistics.fmean(gaps)
@@ -452,6 +458,7 @@ class Trainer:
         kept = {**self.ledger.kept, number: candidate}
         lineage = (extend_lineage(self.ledger.lineage, number, self.settings.max_staleness)
                    if publish else self.ledger.lineage)
+        baseline = self._baseline.updated(summary["reward_mean"], self.settings.baseline_decay)
         async with self.redis.pipeline(transaction=True) as pipe:
             await pipe.watch(self.state_key)
             if await pipe.hexists(self.state_key, "rollback"):
@@ -463,6 +470,8 @@ class Trainer:
                 pipe.expire(self.keys.trained(self.adapter, turn_id),
                             self.settings.dedupe_ttl_seconds)
             pipe.hset(self.state_key, mapping={"step": number, "kept": dump_kept(kept)})
+            if self.teacher is None:  # RL: the running baseline moves once per step
+                pipe.hset(self.baseline_key, mapping=cast(Any, baseline.fields()))
             pipe.hdel(self.state_key, "inflight")
             pipe.hdel(self.tries_key, *ids)
             if publish:
@@ -479,6 +488,9 @@ class Trainer:
             except WatchError:
                 return False
         self.ledger.version, self.ledger.kept, self.ledger.lineage = number, kept, lineage
+        if self.teacher is None:
+            self._baseline = baseline
+            self.metrics.baseline.set(baseline.mean)
         self._observe_commit(len(ids), summary, started)
         log.info("trainer.step_committed", extra={"step": number, "published": publish,
                                                   **summary})
@@ -497,7 +509,7 @@ class Trainer:
         self.metrics.last_step.set(time.time())
         self.metrics.samples.labels("trained").inc(trained)
         self.metrics.batch_to_publish_seconds.observe(time.monotonic() - started)
-        for name in ("loss", "reward_mean", "advantage_abs_mean"):
+        for name in ("loss", "reward_mean", "advantage_abs_mean", "grad_norm"):
             if name in summary:
                 getattr(self.metrics, name).set(summary[name])
 
