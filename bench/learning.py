@@ -12,8 +12,11 @@ most of them, the scripted user's mean reward, how many met the preference, stay
 topic, and the mean answer length; and the trainer's steps committed by then. The plot
 (``learning.png``) and ``learning.json`` go to the run's folder under ``var/bench/``.
 
-Run: ``python -m bench --part learning [--learning-steps 32] [--learning-rate 5e-4]``
-(or ``python -m bench.learning`` with the same options).
+Run: ``python -m bench --part learning [--learning-steps 32] [--learning-rate 5e-4]
+[--learning-temperature 0.8 --learning-top-p 0.95] [--learning-seed 1234]`` (or
+``python -m bench.learning`` with the same options). The seed seeds the held-out samples
+and every training conversation's answer, so two runs differ only where the weights (or
+the sampling options) do.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--learning-max-words", type=int, default=12, help="the scripted preference")
     group.add_argument("--learning-max-tokens", type=int, default=32, help="per training answer")
     group.add_argument("--learning-temperature", type=float, default=0.7)
+    group.add_argument("--learning-top-p", type=float, default=1.0,
+                       help="nucleus sampling mass of every answer (1: none)")
+    group.add_argument("--learning-seed", type=int, default=1234,
+                       help="seeds the held-out samples and the training conversations")
     group.add_argument("--learning-eval-samples", type=int, default=3,
                        help="seeded samples per held-out prompt, before and after")
     group.add_argument("--learning-mode", default="rl",
@@ -75,7 +82,8 @@ async def drive(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
         user = ScriptedUser(info.gateway_url, info.api_key, info.model,
                             preference=Preference(args.learning_max_words),
                             max_tokens=args.learning_max_tokens,
-                            temperature=args.learning_temperature)
+                            temperature=args.learning_temperature,
+                            top_p=args.learning_top_p, seed=args.learning_seed)
         driver = LoopDriver(info, user, adapter=settings.adapter_name)
         try:
             return await _measure(args, driver, user, out_dir)
@@ -89,6 +97,7 @@ async def drive(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
 async def _measure(args: argparse.Namespace, driver: LoopDriver, user: ScriptedUser,
                    out_dir: Path) -> dict[str, object]:
     before = await user.evaluate(HELDOUT_PROMPTS, args.learning_eval_samples, tag="before",
+                                 seed=args.learning_seed,
                                  temperature=args.learning_temperature)
     print(f"held-out before: {before.summary()}", flush=True)
     print("\n" + HEADER, flush=True)
@@ -105,12 +114,14 @@ async def _measure(args: argparse.Namespace, driver: LoopDriver, user: ScriptedU
     if final:
         await driver.wait_live(final, timeout=120)
     after = await user.evaluate(HELDOUT_PROMPTS, args.learning_eval_samples, tag="after",
+                                seed=args.learning_seed,
                                 temperature=args.learning_temperature)
     print(f"\nheld-out before: {before.summary()}\nheld-out after : {after.summary()}")
     print(f"{log.committed} steps ({len(log.steps)} published) in {log.seconds:.0f}s "
           "of training")
     title = (f"SmolLM2-135M, scripted preference: <= {args.learning_max_words} words, on topic "
-             f"(lr {args.learning_rate}, KL to base {args.learning_kl})")
+             f"(lr {args.learning_rate}, KL to base {args.learning_kl}, "
+             f"T {args.learning_temperature}, top_p {args.learning_top_p})")
     plot(rows, before, after, out_dir / "learning.png", title)
     result: dict[str, object] = {"args": vars(args), "rounds": [asdict(r) for r in rows],
               "steps": [asdict(s) for s in log.steps],
@@ -125,7 +136,9 @@ def run(args: argparse.Namespace, out_dir: Path) -> None:
     """The learning part of ``python -m bench``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"reef learning curve: {args.learning_steps} steps, lr {args.learning_rate}, "
-          f"preference <= {args.learning_max_words} words on topic; service logs in "
+          f"temperature {args.learning_temperature}, top_p {args.learning_top_p}, seed "
+          f"{args.learning_seed}, preference <= {args.learning_max_words} words on topic; "
+          f"service logs in "
           f"{out_dir / 'data' / 'logs'}", flush=True)
     asyncio.run(drive(args, out_dir))
 

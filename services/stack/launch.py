@@ -18,22 +18,23 @@ from shared.settings import Settings
 
 LOOP_ENV: dict[str, str] = {
     "REEF_MODE": "rl",
-    "REEF_LOSS_FN": "cispo",
-    "REEF_PPO_CLIP": "0.2",
+    "REEF_LOSS_FN": "tis",
+    "REEF_TIS_CAP": "2",
     "REEF_LORA_RANK": "16",
     "REEF_LORA_ALPHA": "32",
     "REEF_LEARNING_RATE": "1e-3",
     "REEF_BATCH_SIZE": "16",
     "REEF_MAX_STALENESS": "2",
 }
-"""Trainer settings for SmolLM2-135M on 2 CPU cores: LoRA r=16 (alpha 32) on q/k/v/o, ratio
-clip 0.2, 16 samples per step, lr 1e-3 (the brief measured 5e-4 learning brevity in 25-30
-steps and 2e-4 as too slow; ``bench --part learning`` at 1e-3 learns it in ~10 steps and
-stays on topic over 32). CISPO rather than PPO: answers are sampled below temperature 1 (at 1.0 this
-small model rambles off topic) and the policy server reports logprobs of the *tempered*
-distribution while the trainer's are untempered, so the ratio starts away from 1 (at 0.8:
-~40% of tokens outside the clip range on the first step); PPO drops those tokens'
-gradient, CISPO only caps their weight."""
+"""Trainer settings for SmolLM2-135M on 2 CPU cores: LoRA r=16 (alpha 32) on q/k/v/o, 16
+samples per step, lr 1e-3 (the brief measured 5e-4 learning brevity in 25-30 steps and 2e-4
+as too slow; ``bench --part learning`` at 1e-3 learns it in ~10 steps and stays on topic
+over 32). Truncated importance sampling (weights capped at 2, the default loss) rather than
+a clip around 1: answers are sampled below temperature 1 (at 1.0 this small model rambles
+off topic), the policy server reports the logprobs of that tempered distribution and the
+trainer's policy is untempered, so ratios start away from 1 (at 0.8: ~40% of tokens
+outside 1 +- 0.2 on the first step). PPO would drop those tokens' gradient and CISPO's
+clip would bias their weight; TIS keeps the right weight up to the cap."""
 
 COMMON_ENV: dict[str, str] = {
     "REEF_PROFILE": "dev",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import re
 import statistics
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -165,12 +166,15 @@ class ScriptedUser:
 
     Requests run ``concurrency`` at a time (the policy server samples one at a time; a
     few in flight hide the HTTP round trips). Answers are at most ``max_tokens`` tokens.
+    With ``seed``, each training conversation's first answer is sampled with a seed
+    derived from it and the session's name, so two runs with the same seed draw the same
+    answers wherever they ask the same question of the same weights.
     """
 
     def __init__(self, base_url: str, api_key: str, model: str, *,
                  preference: Preference | None = None, max_tokens: int = 40,
                  temperature: float = 1.0, top_p: float = 1.0, concurrency: int = 4,
-                 timeout: float = 300.0) -> None:
+                 timeout: float = 300.0, seed: int | None = None) -> None:
         self.client = openai.AsyncOpenAI(base_url=base_url.rstrip("/") + "/v1",
                                          api_key=api_key, timeout=timeout, max_retries=1)
         self.model = model
@@ -178,6 +182,7 @@ class ScriptedUser:
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.top_p = top_p
+        self.seed = seed
         self._slots = asyncio.Semaphore(concurrency)
 
     async def close(self) -> None:
@@ -210,7 +215,8 @@ class ScriptedUser:
 
         The reply is a real turn (the scorer reads it as the question's follow-up); its
         own answer is not wanted, so it is one token long."""
-        outcome = await self.ask(prompt, session)
+        seed = None if self.seed is None else (self.seed + zlib.crc32(session.encode())) % 2**31
+        outcome = await self.ask(prompt, session, seed=seed)
         messages = [*_opening(prompt), {"role": "assistant", "content": outcome.answer},
                     {"role": "user", "content": outcome.verdict.reply}]
         await self._complete(messages, session, done=True, max_tokens=1,
