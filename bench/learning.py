@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from services.stack.drive import LoopDriver, TrainingLog
-from services.stack.launch import share_models, start_stack
+from services.stack.launch import LOCAL_TENANT, share_models, start_stack
 from services.stack.procs import Stack
 from services.stack.report import HEADER, RoundRow, format_row, plot, round_row
 from services.stack.scripted import (
@@ -40,6 +40,7 @@ from services.stack.scripted import (
     Preference,
     ScriptedUser,
 )
+from shared.keys import adapter_for
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +85,7 @@ async def drive(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
                             max_tokens=args.learning_max_tokens,
                             temperature=args.learning_temperature,
                             top_p=args.learning_top_p, seed=args.learning_seed)
-        driver = LoopDriver(info, user, adapter=settings.adapter_name)
+        driver = LoopDriver(info, user, adapter=adapter_for(settings.adapter_name, LOCAL_TENANT))
         try:
             return await _measure(args, driver, user, out_dir)
         finally:

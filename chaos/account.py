@@ -35,17 +35,15 @@ from shared.keys import (
     GROUP_JUDGE,
     GROUP_SCORER,
     GROUP_SKILL_MINER,
-    GROUP_TRAINER,
     SCORED,
     TURNS,
     Keys,
+    trainer_group,
 )
 
-GROUPS = ((TURNS, GROUP_SCORER), (FINALISED, GROUP_JUDGE), (SCORED, GROUP_SKILL_MINER),
-          (SCORED, GROUP_TRAINER))
-"""Every (stream, consumer group) the pipeline has; drained when none has work left."""
-CONSUMERS = {"trainer": GROUP_TRAINER, "skill-miner": GROUP_SKILL_MINER}
-"""The groups that must see every scored turn at most once (by process name)."""
+GROUPS = ((TURNS, GROUP_SCORER), (FINALISED, GROUP_JUDGE), (SCORED, GROUP_SKILL_MINER))
+"""The (stream, consumer group) pairs of the pipeline but the trainers' (one per adapter:
+``trainer_group``); drained when none has work left."""
 
 
 @dataclass
@@ -79,7 +77,7 @@ class Accounting:
 
 
 def drain(client: redis.Redis, keys: Keys, spool: Path, timeout: float,
-          quiet_checks: int = 3) -> bool:
+          adapters: tuple[str, ...], quiet_checks: int = 3) -> bool:
     """Wait until the gateway's spool is empty, no group has entries pending or unread,
     and no session waits for finalisation, ``quiet_checks`` times in a row; False on
     timeout (what it still waited for is printed)."""
@@ -87,7 +85,7 @@ def drain(client: redis.Redis, keys: Keys, spool: Path, timeout: float,
     quiet = 0
     busy: str | None = None
     while time.monotonic() < deadline:
-        busy = _busy(client, keys, spool)
+        busy = _busy(client, keys, spool, adapters)
         quiet = quiet + 1 if busy is None else 0
         if quiet >= quiet_checks:
             return True
@@ -96,12 +94,13 @@ def drain(client: redis.Redis, keys: Keys, spool: Path, timeout: float,
     return False
 
 
-def _busy(client: redis.Redis, keys: Keys, spool: Path) -> str | None:
+def _busy(client: redis.Redis, keys: Keys, spool: Path,
+          adapters: tuple[str, ...]) -> str | None:
     """What the pipeline is still busy with, or None when it is idle."""
     if spool.exists() and spool.stat().st_size > 0:
         return "the gateway's spool"
     try:
-        for stream, group in GROUPS:
+        for stream, group in (*GROUPS, *((SCORED, trainer_group(a)) for a in adapters)):
             infos: Any = client.xinfo_groups(keys.stream(stream))
             info = next((i for i in infos if _text(i["name"]) == group), None)
             if info is None or info["pending"] or info.get("lag"):
@@ -146,7 +145,8 @@ def _follow(client: redis.Redis, keys: Keys, acc: Accounting, rid: str, turn_id:
     acc.scored += 1
     if times_scored > 1:
         acc.problem("duplicated", "scored twice", rid)
-    for name, group in CONSUMERS.items():
+    for name, group in (("trainer", trainer_group(adapter)),
+                        ("skill-miner", GROUP_SKILL_MINER)):
         seen = int(client.scard(keys.handled(group, turn_id)))
         if seen == 0 and (turn_id, group) in dead:
             acc.dead_lettered += 1

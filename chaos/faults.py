@@ -21,7 +21,7 @@ from typing import cast
 
 import redis
 
-from chaos.stack import ADAPTER, NAMESPACE, Stack
+from chaos.stack import ADAPTER, NAMESPACE, TENANT, TRAINED, Stack
 from services.stack.rollback import RollbackError, kept_versions, rollback
 from shared.keys import Keys
 from shared.settings import Settings
@@ -101,12 +101,12 @@ class Injector:
         try:
             while time.monotonic() < deadline:
                 try:
-                    live_raw = client.hget(keys.trainer(ADAPTER, "state"), "live")
+                    live_raw = client.hget(keys.trainer(TRAINED, "state"), "live")
                     live = json.loads(cast(bytes, live_raw))["version"] if live_raw else 0
-                    kept = kept_versions(client, keys, ADAPTER) or set()
+                    kept = kept_versions(client, keys, TRAINED) or set()
                     targets = sorted(v for v in kept if 0 < v < live)
                     if targets:
-                        rollback(client, settings, targets[-1])
+                        rollback(client, settings, targets[-1], tenant=TENANT)
                         self.rolled_back_to = targets[-1]
                         self.times.append((time.time(), ROLLBACK))
                         self.counts[ROLLBACK] += 1

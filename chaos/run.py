@@ -26,7 +26,7 @@ from chaos.feedback import (
 )
 from chaos.learning import Learning, StepMonitor, learning_report
 from chaos.load import Load, LoadResult
-from chaos.stack import ADAPTER, API_KEY, MODEL, NAMESPACE, TENANT, Stack, StackConfig
+from chaos.stack import API_KEY, MODEL, NAMESPACE, TENANT, TRAINED, Stack, StackConfig
 from shared.keys import Keys
 
 
@@ -163,7 +163,7 @@ def run(config: ChaosConfig) -> ChaosReport:
     try:
         stack.start(wait_workers=False)
         phases = {"start": time.monotonic() - started}
-        monitor = StepMonitor(stack.redis_url, keys, ADAPTER)
+        monitor = StepMonitor(stack.redis_url, keys, TRAINED)
         monitor.start()
         load = Load(stack.gateway_url + "/v1", API_KEY, MODEL, config.turns, config.concurrency,
                     config.rate, config.stream_share, config.seed)
@@ -180,17 +180,17 @@ def run(config: ChaosConfig) -> ChaosReport:
         try:
             spool = config.data_dir / "gateway" / "spool" / "turns.jsonl"
             mark = time.monotonic()
-            drained = drain(client, keys, spool, config.drain_timeout)
+            drained = drain(client, keys, spool, config.drain_timeout, (TRAINED,))
             phases["drain"] = time.monotonic() - mark
             monitor.stop()
             mark = time.monotonic()
-            accounting = account(client, keys, ADAPTER, TENANT, list(result.answered))
+            accounting = account(client, keys, TRAINED, TENANT, list(result.answered))
             feedback_use = account_feedback(feedback.sent, turn_ids_by_response(client, keys),
                                             scored_by_turn(client, keys))
-            learning = learning_report(client, keys, ADAPTER, monitor.samples, injector.times,
+            learning = learning_report(client, keys, TRAINED, monitor.samples, injector.times,
                                        stack.log_dir / "trainer.log", injector.rolled_back_to)
             phases["accounting"] = time.monotonic() - mark
-            backlog = int(client.hlen(keys.trainer(ADAPTER, "buffer")))
+            backlog = int(client.hlen(keys.trainer(TRAINED, "buffer")))
         finally:
             client.close()
         upstream = _upstream_stats(stack)

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chaos.procs import Proc, ProcError, free_port, http_ok, python_proc, redis_proc, tcp_open
+from shared.keys import adapter_for
 
 API_KEY = "chaos-key"
 TENANT = "chaos"
 NAMESPACE = "chaos"
 ADAPTER = "chaos"
+TRAINED = adapter_for(ADAPTER, TENANT)
+"""The tenant's adapter (``chaos-chaos``): what the trainer trains and publishes."""
 MODEL = "chaos-model"
 
 WORKERS = ("scorer-1", "scorer-2", "skill-miner", "trainer")
@@ -101,7 +104,8 @@ class Stack:
             self._worker("trainer", "chaos.trainer", {
                 **base, "REEF_MODE": "rl", "REEF_BACKEND": "local",
                 "REEF_MODEL_NAME": str(self.tiny_model_dir()),
-                "REEF_ADAPTER_NAME": ADAPTER, "REEF_GATE_ENABLED": "true",
+                "REEF_ADAPTER_NAME": ADAPTER, "REEF_TRAIN_TENANTS": json.dumps([TENANT]),
+                "REEF_GATE_ENABLED": "true",
                 "REEF_GATE_MAX_SHIFT": "1.0", "REEF_GATE_TOLERANCE": "1000",
                 "REEF_TRAINER_RETRY_BACKOFF_SECONDS": "0.2",
                 "CHAOS_TRANSIENT_RATE": str(c.transient_rate),

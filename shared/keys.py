@@ -6,6 +6,8 @@ Streams carry the event flow; plain keys hold the little shared state there is.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 
 TURNS = "turns"
@@ -31,6 +33,27 @@ GROUP_FEEDBACK = "scorer-feedback"
 """The scorer's late-feedback stage: re-scores already scored turns on ``feedback``."""
 GROUP_SKILL_MINER = "skill-miner"
 GROUP_TRAINER = "trainer"
+"""The consumer group of a shared (cross-tenant) adapter's trainer; a tenant's adapter has
+a group of its own, ``trainer_group(adapter)``."""
+SHARED_TENANT = "*"
+"""The tenant of a shared adapter (trained on every tenant's turns, served to all)."""
+_SLUG = re.compile(r"[^a-z0-9]+")
+
+
+def adapter_for(adapter_name: str, tenant: str) -> str:
+    """The name of ``tenant``'s adapter: ``<adapter_name>-<tenant>`` for a tenant name of
+    lower-case letters, digits and single dashes; otherwise a slug of it and a hash of the
+    name, so that two tenants never share an adapter name."""
+    slug = _SLUG.sub("-", tenant.lower()).strip("-")[:40]
+    if slug != tenant:
+        slug = f"{slug}-{hashlib.sha256(tenant.encode()).hexdigest()[:8]}".lstrip("-")
+    return f"{adapter_name}-{slug}"
+
+
+def trainer_group(adapter: str) -> str:
+    """The consumer group in which ``adapter``'s trainer reads ``scored``: one per adapter,
+    so that trainers of different tenants never ack each other's turns."""
+    return f"{GROUP_TRAINER}:{adapter}"
 
 
 @dataclass(frozen=True, slots=True)

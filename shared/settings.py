@@ -26,6 +26,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+DEV_TENANT = "dev"
+"""The tenant of unauthenticated requests in the dev profile when no keys are set."""
 PLACEHOLDER_SECRETS = frozenset(
     {"", "changeme", "change-me", "change_me", "xxx", "secret", "password", "sk-xxx",
      "sk-placeholder", "placeholder", "your-key-here", "todo"}
@@ -306,10 +308,19 @@ class Settings(BaseSettings):
     tinker_base_url: str = ""
     """Tinker service URL; empty uses the SDK's default."""
     adapter_name: str = "reef"
-    train_tenant: str = ""
-    """Train only this tenant's turns (one trainer per tenant adapter); empty: every
-    tenant's turns into one adapter."""
-    """The served name of the trained adapter; versions are ``<adapter_name>-v<n>``."""
+    """The name clients send to get the trained adapter (the gateway routes it to the
+    caller's own), and the stem of every adapter's name; versions are
+    ``<adapter>-v<n>``."""
+    train_tenants: list[str] = Field(default_factory=list)
+    """The tenants this trainer process trains, one adapter each
+    (``<adapter_name>-<tenant>``, ``shared.keys.adapter_for``), each only on its tenant's
+    turns and served only to its tenant. Empty: every tenant of ``api_keys`` (``dev``
+    without keys: the dev tenant). Several trainer processes split the tenants between
+    them; an adapter claimed by two live trainers is refused at start."""
+    shared_adapter: bool = False
+    """Opt-in: one adapter, ``adapter_name``, trained on every tenant's turns and served to
+    every tenant. Off by default: one tenant's conversations could be memorised into the
+    weights another tenant is served."""
     lora_rank: int = 32
     lora_alpha: int = 32
     lora_target_modules: list[str] = Field(
@@ -449,6 +460,17 @@ class Settings(BaseSettings):
             else:
                 sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
+
+    def trained_tenants(self) -> list[str | None]:
+        """The tenants whose adapters a trainer process trains: ``train_tenants``, else
+        every tenant of ``api_keys`` (the dev tenant when ``dev`` has no keys); ``[None]``
+        with ``shared_adapter`` (one adapter for every tenant)."""
+        if self.shared_adapter:
+            return [None]
+        tenants = self.train_tenants or sorted(set(self.api_keys.values()))
+        if not tenants and self.profile == "dev":
+            tenants = [DEV_TENANT]
+        return list(tenants)
 
     def resolved_stream_hard_maxlen(self) -> int:
         """The cap producers put on a stream read by consumer groups (``stream_hard_maxlen``)."""

@@ -65,7 +65,8 @@ def test_new_weights_are_loaded_then_routed_and_the_old_ones_unloaded(
         assert gw.metric("reef_gateway_live_adapter_version") == 3
 
         # An admin rolls back to v1: loaded again, routed again.
-        settings = Settings(profile="dev", namespace="swap", redis_url=redis_server.url)
+        settings = Settings(profile="dev", namespace="swap", redis_url=redis_server.url,
+                            shared_adapter=True)  # these events are of the shared "reef"
         with pytest.raises(RollbackError, match="known: \\[1, 2, 3\\]"):
             rollback(client, settings, 7)
         rollback(client, settings, 1)

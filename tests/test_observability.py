@@ -280,7 +280,8 @@ def stack(redis_server: RedisServer, upstream: FakeUpstream, judge: FakeJudge,
     trainer = worker("services.trainer", redis_server.url, namespace, trainer_dir, {
         "REEF_MODE": "rl", "REEF_BACKEND": "local", "REEF_BATCH_SIZE": "2",
         "REEF_LORA_RANK": "4", "REEF_LORA_ALPHA": "8", "REEF_GATE_ENABLED": "false",
-        "REEF_LEARNING_RATE": "1e-4", "REEF_POLICY_THREADS": "1"})
+        "REEF_LEARNING_RATE": "1e-4", "REEF_POLICY_THREADS": "1",
+        "REEF_TRAIN_TENANTS": '["alpha"]'})  # the tenant of the traffic below
     scorer = worker("services.scorer", redis_server.url, namespace, root / "scorer", {
         "REEF_SWEEP_INTERVAL_SECONDS": "0.2", "REEF_USE_PRM": "true",
         "REEF_PRM_BASE_URL": judge.base_url, "REEF_PRM_MODEL": "judge-model",
@@ -433,7 +434,8 @@ def test_prometheus_scrapes_the_stack_and_every_panel_has_data(
     stack.trainer.wait_ready(120)
     wait_for(lambda: value(stack.miner, "reef_skill_miner_proposals_total",
                            outcome="accepted") >= 1, "a mined skill")
-    wait_for(lambda: value(stack.trainer, "reef_trainer_steps_total") >= 1, "a training step",
+    wait_for(lambda: value(stack.trainer, "reef_trainer_steps_total",
+                           adapter="reef-alpha") >= 1, "a training step",
              timeout=120)
     wait_for(lambda: value(stack.gateway, "reef_gateway_adapter_swaps_total", outcome="ok") >= 1,
              "the gateway to load the new adapter")

@@ -251,7 +251,7 @@ async def test_rollback_mid_run_then_training_goes_on_from_it(
     training (and publishing) from its newest weights, and samples of the rolled-back
     version counted as stale for good."""
     settings = settings_for(namespace, redis_server.url, tiny_model, tmp_path,
-                            checkpoint_keep_published=2, max_staleness=1)
+                            checkpoint_keep_published=2, max_staleness=1, shared_adapter=True)
     client = aioredis.from_url(redis_server.url)
     trainer = make_trainer(settings, client, tiny_model, tmp_path / "st")
     await trainer.start()
@@ -297,7 +297,7 @@ async def test_retention_keeps_live_last_published_and_rollback_targets(
     """Before: the local backend kept the newest 3 checkpoints whatever they were (the
     live adapter and rollback targets included)."""
     settings = settings_for(namespace, redis_server.url, tiny_model, tmp_path,
-                            checkpoint_keep_published=2, max_staleness=100)
+                            checkpoint_keep_published=2, max_staleness=100, shared_adapter=True)
     client = aioredis.from_url(redis_server.url)
     trainer = make_trainer(settings, client, tiny_model, tmp_path / "st")
     await trainer.start()

@@ -200,8 +200,8 @@ def test_greedy_turns_are_kept_out_of_ratio_losses(
 
 
 def test_older_buffered_samples_still_load() -> None:
-    old = {"turn_id": "t", "prompt": [1, 2], "completion": [3], "logprobs": [-1.0],
-           "reward": 0.5, "version": 2, "group": "g"}
+    old: dict[str, Any] = {"turn_id": "t", "prompt": [1, 2], "completion": [3],
+                           "logprobs": [-1.0], "reward": 0.5, "version": 2, "group": "g"}
     s = Sample(**old)
     assert (s.revision, s.behaviour) == (0, "unknown")
     assert Sample(**asdict(s)) == s

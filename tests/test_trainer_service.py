@@ -95,7 +95,7 @@ async def test_steps_publish_weights_and_never_retrain_a_turn(
     await client.aclose()
 
 
-def perturb_lora(backend: LocalBackend) -> None:
+def perturb_lora(backend: Any) -> None:
     """Non-zero LoRA B weights: the adapter changes the logits (a fresh one does not)."""
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -165,7 +165,8 @@ def test_sigkill_mid_step_resumes_and_trains_each_turn_once(
     env = {"REEF_PROFILE": "dev", "REEF_NAMESPACE": namespace, "REEF_REDIS_URL": redis_server.url,
            "REEF_MODEL_NAME": str(tiny_model), "REEF_BATCH_SIZE": "4", "REEF_LORA_RANK": "4",
            "REEF_METRICS_PORT": str(port), "REEF_WORKER_BLOCK_MS": "200",
-           "REEF_MAX_STALENESS": "10", "REEF_GATE_ENABLED": "false"}
+           "REEF_MAX_STALENESS": "10", "REEF_GATE_ENABLED": "false",
+           "REEF_SHARED_ADAPTER": "true"}  # the adapter "reef", on tenant t's turns
     proc = ServiceProcess("services.trainer", env, tmp_path, port, "/metrics")
     proc.start(timeout=60)
     state = keys.trainer("reef", "state")

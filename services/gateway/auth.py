@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from services.gateway.errors import APIError
 from services.gateway.ratelimit import RateLimiter
 from shared.metrics import METRICS_KEY_REFUSED, MetricsAuth
+from shared.settings import DEV_TENANT as DEV_TENANT  # re-exported: the gateway's name
 from shared.settings import Settings, hash_api_key
-
-DEV_TENANT = "dev"
-"""The tenant of unauthenticated requests in the dev profile when no keys are set."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ import redis
 import redis.asyncio as aioredis
 
 from services.stack.drive import LoopDriver, LoopStalled, TrainingLog, metric_sum
-from services.stack.launch import StackInfo, share_models, start_stack
+from services.stack.launch import LOCAL_TENANT, StackInfo, share_models, start_stack
 from services.stack.procs import Stack, StackError
 from services.stack.report import HEADER, RoundRow, format_row, plot, round_row
 from services.stack.scripted import (
@@ -49,7 +49,7 @@ from services.stack.scripted import (
     Preference,
     ScriptedUser,
 )
-from shared.keys import TURNS, Keys
+from shared.keys import TURNS, Keys, adapter_for
 from shared.messages import TurnV1, decode
 from shared.settings import Settings
 from shared.skill_store import SkillStore
@@ -192,7 +192,7 @@ def run(settings: Settings, steps: int = STEPS) -> int:
     try:
         info = start_stack(run_settings, stack, learning=True, skills=True,
                            env={"REEF_MAX_STEPS": str(steps)})
-        demo = Demo(info, run_settings.adapter_name, out_dir, steps)
+        demo = Demo(info, adapter_for(run_settings.adapter_name, LOCAL_TENANT), out_dir, steps)
 
         async def go() -> int:
             try:

@@ -54,6 +54,10 @@ SKILLS_ENV: dict[str, str] = {
 """The skill loop with no API key: the gateway injects skills, the skill-miner turns the
 user's corrections into preference skills (no LLM) and promotes them at once."""
 
+LOCAL_TENANT = "local"
+"""The tenant of the local stack's one API key; the trainer trains its adapter
+(``shared.keys.adapter_for(adapter_name, LOCAL_TENANT)``)."""
+
 READY_TIMEOUT_SECONDS = 600.0
 """How long the policy server may take to come up (the first run converts the model)."""
 
@@ -116,6 +120,7 @@ def start_stack(settings: Settings, stack: Stack, *, learning: bool = False,
     common = {**COMMON_ENV, "REEF_REDIS_URL": redis_url, "REEF_DATA_DIR": str(settings.data_dir),
               "REEF_NAMESPACE": settings.namespace, "REEF_MODEL_NAME": settings.model_name,
               "REEF_ADAPTER_NAME": settings.adapter_name,
+              "REEF_TRAIN_TENANTS": json.dumps([LOCAL_TENANT]),
               **(LOOP_ENV if learning else {}), **(SKILLS_ENV if skills else {}),
               **(env or {})}
     policy_url = start_policy(stack, common)
@@ -144,7 +149,7 @@ def start_gateway(stack: Stack, common: dict[str, str], policy_url: str, key: st
     port = free_port()
     stack.start_service("gateway", {
         **common, "REEF_GATEWAY_PORT": str(port), "REEF_UPSTREAM_BASE_URL": policy_url + "/v1",
-        "REEF_API_KEYS": json.dumps({key: "local"}),
+        "REEF_API_KEYS": json.dumps({key: LOCAL_TENANT}),
         "REEF_REQUEST_LOGPROBS": "true", "REEF_REQUEST_TOKEN_IDS": "true",
         # The previous adapter only needs to outlive the requests that started on it.
         "REEF_ADAPTER_UNLOAD_GRACE_SECONDS": common.get(

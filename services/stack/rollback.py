@@ -20,7 +20,7 @@ from typing import Any, cast
 import orjson
 import redis
 
-from shared.keys import WEIGHTS, Keys
+from shared.keys import WEIGHTS, Keys, adapter_for
 from shared.messages import BadMessage, WeightsEventV1, decode
 from shared.settings import Settings
 
@@ -37,9 +37,22 @@ def versions(client: redis.Redis, keys: Keys, adapter: str) -> dict[int, Weights
             event = decode(fields)
         except BadMessage:
             continue
-        if isinstance(event, WeightsEventV1) and event.adapter.startswith(adapter + "-v"):
+        if isinstance(event, WeightsEventV1) and event.adapter == f"{adapter}-v{event.version}":
             found[event.version] = event
     return found
+
+
+def adapter_of(settings: Settings, tenant: str | None) -> str:
+    """The adapter a rollback is for; a ``RollbackError`` when the tenant is ambiguous."""
+    if settings.shared_adapter:
+        return settings.adapter_name
+    if tenant is None:
+        tenants = settings.trained_tenants()
+        if len(tenants) != 1 or tenants[0] is None:
+            raise RollbackError("name the tenant whose adapter to roll back (--tenant); "
+                                f"trained tenants: {tenants}")
+        tenant = tenants[0]
+    return adapter_for(settings.adapter_name, tenant)
 
 
 def kept_versions(client: redis.Redis, keys: Keys, adapter: str) -> set[int] | None:
@@ -51,10 +64,13 @@ def kept_versions(client: redis.Redis, keys: Keys, adapter: str) -> set[int] | N
     return {int(v) for v, info in orjson.loads(raw).items() if info.get("published")}
 
 
-def rollback(client: redis.Redis, settings: Settings, version: int) -> WeightsEventV1:
-    """Publish ``version`` again and ask the trainer to go back to it; returns the event."""
+def rollback(client: redis.Redis, settings: Settings, version: int,
+             tenant: str | None = None) -> WeightsEventV1:
+    """Publish ``version`` of ``tenant``'s adapter again and ask its trainer to go back to
+    it; returns the event. ``tenant`` None: the shared adapter (``shared_adapter``), or
+    the one tenant the settings train."""
     keys = Keys(settings.namespace)
-    adapter = settings.adapter_name
+    adapter = adapter_of(settings, tenant)
     known = versions(client, keys, adapter)
     if version not in known:
         raise RollbackError(f"no version {version} of {adapter!r} in the weights "
@@ -80,10 +96,11 @@ def rollback(client: redis.Redis, settings: Settings, version: int) -> WeightsEv
 def main(argv: list[str], settings: Settings) -> int:
     parser = argparse.ArgumentParser(prog="reef rollback", description=__doc__)
     parser.add_argument("version", type=int, help="the adapter version to serve again")
+    parser.add_argument("--tenant", help="whose adapter (default: the one tenant trained)")
     args = parser.parse_args(argv)
     client = redis.Redis.from_url(settings.redis_url, **settings.redis_kwargs())
     try:
-        event = rollback(client, settings, args.version)
+        event = rollback(client, settings, args.version, args.tenant)
     except RollbackError as exc:
         print(f"rollback failed: {exc}")
         return 1

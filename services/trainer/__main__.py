@@ -1,19 +1,31 @@
-"""``python -m services.trainer``: one trainer, for one adapter (``adapter_name``)."""
+"""``python -m services.trainer``: the trainers of the adapters this process is given: one
+per tenant (``train_tenants``, by default every tenant of ``api_keys``), or one shared
+adapter (``shared_adapter``)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
+import redis.asyncio as aioredis
+
 from services.trainer.backend import TrainingBackend
+from services.trainer.claim import AdapterClaims
 from services.trainer.metrics import TrainerMetrics
 from services.trainer.opd import PROBE, Teacher
+from services.trainer.per_adapter import combined_registry
 from services.trainer.service import Trainer
-from shared.keys import GROUP_TRAINER, SCORED
+from shared.keys import GROUP_TRAINER, SCORED, Keys, adapter_for, trainer_group
 from shared.logs import setup_logging
 from shared.redis_client import connect
 from shared.settings import Settings
-from shared.worker import Consumer, run_workers
+from shared.worker import Consumer, default_consumer_name, run_workers
+
+log = logging.getLogger("reef.trainer")
+
+Builder = Callable[[Settings], tuple[TrainingBackend, list[str] | None]]
+"""Makes one adapter's backend (and the student's probe tokens) from its settings."""
 
 
 def build_backend(settings: Settings) -> tuple[TrainingBackend, list[str] | None]:
@@ -44,22 +56,43 @@ def distilling(settings: Settings) -> bool:
                                       and bool(settings.teacher_model))
 
 
-async def serve(settings: Settings, build: Callable[
-        [Settings], tuple[TrainingBackend, list[str] | None]] = build_backend) -> None:
-    """Buffer scored turns and train on them until SIGTERM (``build`` makes the backend:
-    the chaos suite wraps it to inject faults)."""
-    metrics = TrainerMetrics.create()
+def trainers_for(settings: Settings, redis: aioredis.Redis, build: Builder) -> list[Trainer]:
+    """A trainer for each adapter this process trains (``Settings.trained_tenants``),
+    with its own backend, settings (``adapter_name``: the tenant's adapter) and metrics."""
+    trainers = []
+    for tenant in settings.trained_tenants():
+        adapter = (settings.adapter_name if tenant is None
+                   else adapter_for(settings.adapter_name, tenant))
+        own = settings.model_copy(update={"adapter_name": adapter})
+        backend, probe = build(own)
+        teacher = Teacher(own) if distilling(own) else None
+        trainers.append(Trainer(own, redis, backend, TrainerMetrics.create(), teacher, probe,
+                                tenant=tenant))
+    return trainers
+
+
+async def serve(settings: Settings, build: Builder = build_backend) -> None:
+    """Buffer scored turns and train on them until SIGTERM: one adapter per tenant this
+    process trains, each read from ``scored`` in a consumer group of its own (``build``
+    makes a backend: the chaos suite wraps it to inject faults)."""
     client = connect(settings)
-    backend, probe = build(settings)
-    teacher = Teacher(settings) if distilling(settings) else None
-    trainer = Trainer(settings, client, backend, metrics, teacher, probe)
+    trainers = trainers_for(settings, client, build)
+    claims = AdapterClaims(client, Keys(settings.namespace), [t.adapter for t in trainers],
+                           default_consumer_name())
+    consumers = [Consumer(SCORED, GROUP_TRAINER if t.tenant is None else trainer_group(t.adapter),
+                          t.on_scored) for t in trainers]
+    registry = combined_registry({t.adapter: t.metrics.registry for t in trainers})
+    log.info("trainer.adapters", extra={"adapters": [t.adapter for t in trainers]})
     try:
-        await run_workers(settings, [Consumer(SCORED, GROUP_TRAINER, trainer.on_scored)],
-                          registry=metrics.registry, client=client, background=[trainer.run])
+        await claims.acquire()
+        await run_workers(settings, consumers, registry=registry, client=client,
+                          background=[*(t.run for t in trainers), claims.keep])
     finally:
-        if teacher is not None:
-            await teacher.close()
-        await asyncio.to_thread(backend.close)
+        await claims.release()
+        for trainer in trainers:
+            if trainer.teacher is not None:
+                await trainer.teacher.close()
+            await asyncio.to_thread(trainer.backend.close)
         await client.aclose()
 
 

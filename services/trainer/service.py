@@ -71,7 +71,7 @@ from services.trainer.state import (
     snapshot_current,
     staleness,
 )
-from shared.keys import WEIGHTS, Keys
+from shared.keys import SHARED_TENANT, WEIGHTS, Keys
 from shared.messages import Message, ScoredV1, WeightsEventV1
 from shared.redact import sensitive_for_tinker
 from shared.settings import Settings
@@ -113,8 +113,12 @@ class Trainer:
 
     def __init__(self, settings: Settings, redis: aioredis.Redis, backend: TrainingBackend,
                  metrics: TrainerMetrics, teacher: Teacher | None = None,
-                 student_probe_tokens: list[str] | None = None) -> None:
+                 student_probe_tokens: list[str] | None = None,
+                 tenant: str | None = None) -> None:
+        """Trains ``settings.adapter_name`` on ``tenant``'s turns only (its adapter is
+        served to it alone), or on every tenant's (None: a shared adapter)."""
         self.settings = settings
+        self.tenant = tenant
         self.teacher = teacher
         """Set in on-policy distillation (``opd``) mode."""
         self._probe_tokens = student_probe_tokens
@@ -148,8 +152,8 @@ class Trainer:
             raise Reject(f"expected scored.v1, got {message.kind}")
         if self.settings.mode == "skills_only":
             return
-        if self.settings.train_tenant and message.turn.tenant != self.settings.train_tenant:
-            return
+        if self.tenant is not None and message.turn.tenant != self.tenant:
+            return  # another tenant's turn: its own adapter's group handles it
         if self.teacher is not None and message.reward is None and _distillable(message):
             # Distillation needs no reward: the teacher's logprobs are the signal.
             message = message.model_copy(update={"reward": 0.0, "trainable": True})
@@ -499,7 +503,7 @@ class Trainer:
     def _event(self, candidate: Version, summary: dict[str, float],
                batch_at: float) -> WeightsEventV1:
         return WeightsEventV1(
-            id=f"{self.adapter}-v{candidate.version}", tenant=self.settings.train_tenant or "*",
+            id=f"{self.adapter}-v{candidate.version}", tenant=self.tenant or SHARED_TENANT,
             adapter=adapter_label(self.adapter, candidate.version), version=candidate.version,
             path=candidate.adapter_path, step=candidate.step, metrics=summary,
             batch_at=batch_at)
