@@ -141,6 +141,10 @@ class TurnV1(Message):
     skill_ids: list[str] = Field(default_factory=list)
     response_id: str | None = None
     """The completion id the client saw (``chatcmpl-...``); feedback may name it."""
+    caller: str = ""
+    """Which API key made the turn: ``shared.settings.key_id`` of it (a prefix of its
+    SHA-256, not the key). The first turn's caller owns the session: explicit feedback on
+    it is taken only from that key or the tenant's admin key."""
 
 
 class FinalisedV1(Message):

@@ -26,6 +26,13 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+
+def key_id(key_hash: str) -> str:
+    """A short, stable id of an API key from its SHA-256 (``hash_api_key``): enough to
+    tell a tenant's keys apart, not enough to stand for the key."""
+    return key_hash.removeprefix("sha256:")[:16]
+
+
 DEV_TENANT = "dev"
 """The tenant of unauthenticated requests in the dev profile when no keys are set."""
 PLACEHOLDER_SECRETS = frozenset(

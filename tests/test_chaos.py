@@ -20,7 +20,7 @@ from chaos.faults import KILLED, RESTARTED
 from chaos.run import ChaosConfig, run
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.recorder import Recorder
-from shared.keys import GROUP_SKILL_MINER, GROUP_TRAINER, SCORED, TURNS, Keys
+from shared.keys import GROUP_SKILL_MINER, SCORED, TURNS, Keys, trainer_group
 from tests.conftest import RedisServer, free_port
 
 
@@ -38,6 +38,7 @@ def test_accounting_finds_lost_duplicated_and_dead_lettered_turns(
         redis_server: RedisServer, namespace: str) -> None:
     client, keys = redis_server.client(), Keys(namespace)
     turns, scored = keys.stream(TURNS), keys.stream(SCORED)
+    trainer = trainer_group("a")  # adapter a's group
     for i in range(1, 7):
         client.xadd(turns, _turn(f"t{i}", f"r{i}"))
     client.xadd(turns, _turn("t6b", "r6"))  # r6 recorded twice
@@ -46,10 +47,10 @@ def test_accounting_finds_lost_duplicated_and_dead_lettered_turns(
     client.xadd(scored, _scored("t1", revision=1))  # late feedback: not a second score
     for turn_id in ("t1", "t2", "t4", "t6"):
         client.sadd(keys.handled(GROUP_SKILL_MINER, turn_id), "c1:1-0:1")
-        client.sadd(keys.handled(GROUP_TRAINER, turn_id), "c1:1-0:1")
-    client.sadd(keys.handled(GROUP_TRAINER, "t4"), "c2:1-0:2")  # t4 handled twice
+        client.sadd(keys.handled(trainer, turn_id), "c1:1-0:1")
+    client.sadd(keys.handled(trainer, "t4"), "c2:1-0:2")  # t4 handled twice
     client.sadd(keys.handled(GROUP_SKILL_MINER, "t5"), "c1:5-0:1")  # trainer dead-lettered t5
-    client.xadd(keys.dead(SCORED), {**_scored("t5"), "dead_group": GROUP_TRAINER,
+    client.xadd(keys.dead(SCORED), {**_scored("t5"), "dead_group": trainer,
                                     "dead_reason": "invalid: test"})
     client.set(keys.trained("a", "t1"), 2)  # t1 trained twice
 

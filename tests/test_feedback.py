@@ -3,6 +3,7 @@ openai client as clients."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,11 +25,20 @@ NAMESPACE = "fbtest"
 KEYS = Keys(NAMESPACE)
 
 
+SECOND_ALPHA_KEY = "sk-alpha-second-key-0b7e51"
+"""Another inference key of tenant alpha (a teammate's agent)."""
+ALPHA_ADMIN_KEY = "sk-alpha-admin-key-5c2d99"
+"""Tenant alpha's admin key (``tenant_admin_keys``)."""
+
+
 @pytest.fixture(scope="module")
 def gateway(redis_server: RedisServer, upstream: FakeUpstream,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     gw = GatewayProcess(redis_server.url, upstream.base_url, NAMESPACE,
-                        tmp_path_factory.mktemp("gateway"))
+                        tmp_path_factory.mktemp("gateway"), env={
+                            "REEF_API_KEYS": json.dumps({API_KEY: "alpha", OTHER_KEY: "beta",
+                                                         SECOND_ALPHA_KEY: "alpha"}),
+                            "REEF_TENANT_ADMIN_KEYS": json.dumps({ALPHA_ADMIN_KEY: "alpha"})})
     gw.start()
     yield gw
     gw.stop()
@@ -289,6 +299,27 @@ def test_session_keys_expire_with_the_session(
 
 # Last in the module: the gateway's pool keeps connections from before the restart, and
 # each one fails once (a 503 the client retries) when next used.
+def test_feedback_is_taken_only_from_the_sessions_own_key_or_the_tenants_admin(
+        gateway: GatewayProcess, redis_server: RedisServer, session_id: str) -> None:
+    """Before: any key of the tenant could rate any session of it, and so steer the
+    rewards another agent's adapter learns from."""
+    (answer,) = start_session(gateway, session_id)  # made by API_KEY
+    body = {"session_id": session_id, "response_id": answer, "rating": "down"}
+
+    def post(key: str) -> httpx.Response:
+        return httpx.post(gateway.url + "/v1/feedback", json=body, timeout=10,
+                          headers={"Authorization": f"Bearer {key}"})
+
+    error = assert_error(post(SECOND_ALPHA_KEY), 403, "session_id")
+    assert error["code"] == "permission_denied"
+    assert "turn:" + answer not in stored(redis_server, "alpha", session_id)
+    assert post(API_KEY).status_code == 200
+    body["rating"] = "up"
+    assert post(ALPHA_ADMIN_KEY).status_code == 200  # the tenant's admin may
+    assert stored(redis_server, "alpha", session_id)["turn:" + answer]["score"] == 1.0
+    assert post(OTHER_KEY).status_code == 404  # another tenant: no such session
+
+
 def test_redis_down_is_a_503_and_feedback_works_again_after(
         gateway: GatewayProcess, http: httpx.Client, redis_server: RedisServer,
         session_id: str) -> None:

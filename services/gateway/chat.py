@@ -220,6 +220,7 @@ class ChatHandler:
             "usage": answer.usage, "sampled": answer.sampled(),
             "latency_seconds": latency, "stream": chat.stream, "completed": completed,
             "skill_ids": skill_ids, "response_id": answer.response_id,
+            "caller": chat.caller,
         })
 
 

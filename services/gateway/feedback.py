@@ -17,7 +17,11 @@ Contract with the scorer
 ------------------------
 Feedback lives in one Redis hash per session, ``Keys.feedback(tenant, session_id)``;
 the tenant is the caller's (from its API key), so a key can only ever write feedback on
-its own tenant's sessions. Fields:
+its own tenant's sessions; and only on its own sessions: the key that made a session's
+first turn owns it (the recorder notes its ``key_id`` in the session's response-id hash,
+``OWNER_FIELD``), and feedback from another key of the tenant is a 403 — rewards steer
+what the session's adapter learns. The tenant's admin key (``tenant_admin_keys``) may
+give feedback on any session of its tenant. Fields:
 
 - ``turn:<response id>`` -- feedback on the turn whose answer had that id;
 - ``index:<n>`` -- feedback on the session's turn with ``turn_index`` n;
@@ -66,7 +70,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -78,16 +82,18 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.gateway.auth import Authenticator
+from services.gateway.auth import Authenticator, Caller
 from services.gateway.errors import APIError
-from services.gateway.recorder import Recorder
+from services.gateway.recorder import OWNER_FIELD, Recorder
 from services.gateway.request import parse_json, read_limited
 from shared.keys import FEEDBACK, Keys
 from shared.messages import FeedbackV1, new_id
-from shared.settings import Settings
+from shared.settings import Settings, hash_api_key, key_id
 
 log = logging.getLogger(__name__)
 
+ADMIN_CALLER = "tenant-admin"
+"""The key id of a tenant admin key's calls (it owns no session, and may name any)."""
 FEEDBACK_PATH = "/v1/feedback"
 MAX_TEXT_CHARS = 4000
 MAX_BODY_BYTES = 64 * 1024
@@ -175,6 +181,8 @@ class FeedbackHandler:
     def __init__(self, auth: Authenticator, redis: aioredis.Redis, keys: Keys,
                  recorder: Recorder, settings: Settings) -> None:
         self._auth = auth
+        self._admin_keys = dict(settings.tenant_admin_keys)
+        """Tenant admin key hash -> its tenant: it may give feedback on any session."""
         self._redis = redis
         self._keys = keys
         self._recorder = recorder
@@ -183,10 +191,10 @@ class FeedbackHandler:
         self._wait = settings.feedback_not_found_wait_seconds
 
     async def __call__(self, request: Request) -> Response:
-        caller = self._auth(request.headers)
+        caller = self._caller(request.headers)
         raw = await read_limited(request.stream(), MAX_BODY_BYTES)
         req = read_feedback(raw, request.headers.get("x-session-id"))
-        turn_index = await self._find(caller.tenant, req)
+        turn_index = await self._find(caller, req)
         feedback_id = "fb-" + new_id()
         target = req.target()
         score = req.value()
@@ -201,18 +209,32 @@ class FeedbackHandler:
                 "target": target, "score": score}
         return Response(orjson.dumps(body), media_type="application/json")
 
-    async def _find(self, tenant: str, req: FeedbackRequest) -> int | None:
+    def _caller(self, headers: Mapping[str, str]) -> Caller:
+        """The caller: an inference key of the tenant, or the tenant's admin key
+        (``tenant_admin_keys``; it may give feedback on any session of its tenant)."""
+        header = headers.get("authorization") or ""
+        if header[:7].lower() == "bearer ":
+            tenant = self._admin_keys.get(hash_api_key(header[7:].strip()))
+            if tenant is not None:
+                return Caller(tenant, ADMIN_CALLER)
+        return self._auth(headers)
+
+    async def _find(self, caller: Caller, req: FeedbackRequest) -> int | None:
         """The index of the turn the feedback names (None: the whole session). Not found:
         wait for this gateway's recorder, re-check for ``feedback_not_found_wait_seconds``,
-        then a 404 (a 503 while the recorder spools: the turn may be in its spool)."""
-        missing, index = await self._lookup(tenant, req)
+        then a 404 (a 503 while the recorder spools: the turn may be in its spool). A 403
+        when the session is another key's (see ``OWNER_FIELD``)."""
+        tenant = caller.tenant
+        missing, index, owner = await self._lookup(tenant, req)
         if missing is None:
+            _check_owner(caller, owner)
             return index
         deadline = time.monotonic() + self._wait
         await self._recorder.flushed(FLUSH_WAIT_SECONDS)
         while True:
-            missing, index = await self._lookup(tenant, req)
+            missing, index, owner = await self._lookup(tenant, req)
             if missing is None:
+                _check_owner(caller, owner)
                 return index
             if self._recorder.spooling:
                 raise _unavailable("Feedback could not be matched to its turn yet: the "
@@ -222,21 +244,24 @@ class FeedbackHandler:
                 raise APIError(404, NOT_FOUND[missing], code="not_found", param=missing)
             await asyncio.sleep(RECHECK_SECONDS)
 
-    async def _lookup(self, tenant: str, req: FeedbackRequest) -> tuple[str | None, int | None]:
-        """What is missing (the field naming it) or None, and the turn index named."""
+    async def _lookup(self, tenant: str, req: FeedbackRequest
+                      ) -> tuple[str | None, int | None, bytes | None]:
+        """What is missing (the field naming it) or None, the turn index named, and the
+        session's owner (a key id; None for sessions recorded before owners were)."""
+        responses = self._keys.session_responses(tenant, req.session_id)
         async with _redis_call(), self._redis.pipeline(transaction=False) as pipe:
             pipe.get(self._keys.turn_index(tenant, req.session_id))
-            if req.response_id is not None:
-                pipe.hget(self._keys.session_responses(tenant, req.session_id),
-                          req.response_id)
-            replies = await pipe.execute()
-        if replies[0] is None:
-            return "session_id", None
+            pipe.hmget(responses, [OWNER_FIELD, req.response_id or OWNER_FIELD])
+            count, (owner, index) = await pipe.execute()
+        if count is None:
+            return "session_id", None, owner
         if req.response_id is not None:
-            return ("response_id", None) if replies[1] is None else (None, int(replies[1]))
-        if req.turn_index is not None and req.turn_index >= int(replies[0]):
-            return "turn_index", None
-        return None, req.turn_index
+            if index is None:
+                return "response_id", None, owner
+            return None, int(index), owner
+        if req.turn_index is not None and req.turn_index >= int(count):
+            return "turn_index", None, owner
+        return None, req.turn_index, owner
 
     async def _store(self, tenant: str, session_id: str, field: str, value: bytes,
                      event: FeedbackV1) -> None:
@@ -268,3 +293,14 @@ async def _redis_call() -> AsyncIterator[None]:
         log.warning("feedback_redis_unreachable", extra={"error": type(exc).__name__})
         raise _unavailable("Feedback could not be stored: the gateway's Redis is "
                            "unreachable. Please retry shortly.") from None
+
+
+def _check_owner(caller: Caller, owner: bytes | None) -> None:
+    """Feedback steers the rewards of a session's turns: only the key that made them (the
+    session's owner) or the tenant's admin key may give it (a 403 otherwise)."""
+    if owner is None or caller.key_hash == ADMIN_CALLER:
+        return
+    if owner.decode() != key_id(caller.key_hash):
+        raise APIError(403, "Feedback on this session is taken only from the API key that "
+                            "made its turns, or from the tenant's admin key.",
+                       code="permission_denied", param="session_id")

@@ -56,6 +56,8 @@ ROUTE_ERRORS = {(FEEDBACK_PATH, "post"): {
            "``turn_index`` in it (``param`` names the field; ``code``: ``not_found``). "
            "Sessions and their answers can be named for ``feedback_window_seconds`` "
            "after their last turn.",
+    "403": "The session is another API key's: feedback is taken only from the key that "
+           "made its turns, or the tenant's admin key (``code``: ``permission_denied``).",
     "503": "Redis is unreachable, or the gateway is still writing turns to it; retry "
            "shortly (``Retry-After``).",
 }}

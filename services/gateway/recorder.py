@@ -34,13 +34,15 @@ log = logging.getLogger("reef.gateway.recorder")
 # gives the turn index, spliced into the JSON (the payload always ends with '}' and has
 # no turn_index of its own). Splicing keeps the JSON byte-exact: cjson would round floats.
 # The counter and the session's response id -> index hash (what feedback may name) expire
-# ARGV[5] seconds after the session's last turn.
+# ARGV[5] seconds after the session's last turn. The hash's field OWNER_FIELD holds the
+# caller (ARGV[6]: a key id) of the session's first recorded turn.
 _RECORD_LUA = """
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) == false then return -1 end
 local n = redis.call('INCR', KEYS[3]) - 1
 redis.call('EXPIRE', KEYS[3], ARGV[5])
-if ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[4], ARGV[4], n)
+if ARGV[6] ~= '' then redis.call('HSETNX', KEYS[4], '~owner', ARGV[6]) end
+if ARGV[4] ~= '' or ARGV[6] ~= '' then
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[4], ARGV[4], n) end
   redis.call('EXPIRE', KEYS[4], ARGV[5])
 end
 local data = string.sub(ARGV[1], 1, -2) .. ',"turn_index":' .. n .. '}'
@@ -48,6 +50,9 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'kind', 'turn.v1', 'dat
 return n
 """
 
+OWNER_FIELD = "~owner"
+"""The field of a session's response-id hash holding its owner (no response id starts with
+``~``)."""
 RETRY_SECONDS = 1.0
 """How often a recorder in spool mode checks whether Redis is back."""
 
@@ -201,7 +206,7 @@ class Recorder:
                           self._keys.turn_index(tenant, session),
                           self._keys.session_responses(tenant, session)],
                     args=[payload, self._maxlen, self._ttl, turn.get("response_id") or "",
-                          self._session_ttl], client=pipe)
+                          self._session_ttl, turn.get("caller") or ""], client=pipe)
             await pipe.execute()
         self._metrics.turns_recorded.inc(len(payloads))
 

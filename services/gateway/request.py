@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from services.gateway.errors import APIError
-from shared.settings import Settings
+from shared.settings import Settings, key_id
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_JSON_DEPTH = 64
@@ -47,6 +47,8 @@ class ChatRequest:
     wants_usage: bool
     changed: bool
     """Whether ``body`` differs from what the client sent (else the raw bytes are sent)."""
+    caller: str = ""
+    """``key_id`` of the caller's key: recorded on the turn (the session's owner)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,4 +300,5 @@ def read_chat_request(body: dict[str, Any], headers: Mapping[str, str], tenant: 
         wants_token_ids=bool(body.get("return_token_ids")),
         wants_usage=isinstance(stream_options, dict) and bool(stream_options.get("include_usage")),
         changed=changed,
+        caller=key_id(key_hash),
     )
