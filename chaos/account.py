@@ -63,7 +63,20 @@ class Accounting:
     lost_where: Counter[str] = field(default_factory=Counter)
     duplicated: int = 0
     duplicated_where: Counter[str] = field(default_factory=Counter)
+    cross_tenant: int = 0
+    """Turns trained into another tenant's adapter (target 0)."""
     examples: list[str] = field(default_factory=list)
+
+    def add(self, other: Accounting) -> None:
+        """Fold another tenant's figures into these."""
+        for name, value in vars(other).items():
+            mine = getattr(self, name)
+            if isinstance(value, Counter):
+                mine.update(value)
+            elif isinstance(value, list):
+                mine.extend(value[: max(0, 10 - len(mine))])
+            else:
+                setattr(self, name, mine + value)
 
     def problem(self, kind: str, where: str, response_id: str) -> None:
         if kind == "lost":
@@ -216,3 +229,16 @@ def _dead_letters(client: redis.Redis, keys: Keys) -> dict[tuple[str, str], tupl
 
 def _text(value: bytes | str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def count_cross_tenant(client: redis.Redis, keys: Keys, acc: Accounting, answered: list[str],
+                       other_adapters: list[str]) -> None:
+    """Count the answered turns (of one tenant) that another tenant's adapter trained on."""
+    turns = turn_ids_by_response(client, keys)
+    for rid in answered:
+        for turn_id in turns.get(rid, [])[:1]:
+            for adapter in other_adapters:
+                if client.exists(keys.trained(adapter, turn_id)):
+                    acc.cross_tenant += 1
+                    if len(acc.examples) < 10:
+                        acc.examples.append(f"trained into {adapter}: {rid}")

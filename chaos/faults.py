@@ -26,7 +26,7 @@ from services.stack.rollback import RollbackError, kept_versions, rollback
 from shared.keys import Keys
 from shared.settings import Settings
 
-KILLED = ("gateway", "scorer-1", "scorer-2", "skill-miner", "trainer")
+KILLED = ("gateway", "scorer-1", "scorer-2", "skill-miner", "trainer", "trainer-b")
 """The processes killed with SIGKILL and restarted."""
 RESTARTED = ("redis",)
 """Redis is SIGKILLed too and restarted on its append-only file."""

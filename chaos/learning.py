@@ -70,7 +70,7 @@ class Learning:
     stalled_after: list[str] = field(default_factory=list)
     """Faults after which the trainer committed no step (target: none)."""
 
-    def rows(self) -> list[str]:
+    def rows(self, title: str = "the learning half:") -> list[str]:
         rows = [("steps committed", self.steps), ("  published", self.published),
                 ("  refused by the gate", self.refused),
                 ("batches quarantined", self.quarantined_batches),
@@ -79,7 +79,7 @@ class Learning:
                 ("step errors (poisonous datums)", self.step_errors),
                 ("rolled back to version", self.rolled_back_to or "-"),
                 ("faults followed by a step", f"{self.faults_followed_by_step}/{self.faults}")]
-        lines = ["", "the learning half:"] + [f"  {n:<34}{v!s:>8}" for n, v in rows]
+        lines = ["", title] + [f"  {n:<34}{v!s:>8}" for n, v in rows]
         if self.stalled_after:
             lines.append(f"  NO STEP after: {', '.join(self.stalled_after)}")
         return lines
@@ -91,7 +91,8 @@ def learning_report(client: redis.Redis, keys: Keys, adapter: str,
     state = cast(dict[bytes, bytes], client.hgetall(keys.trainer(adapter, "state")))
     report = Learning(steps=int(state.get(b"step", b"0")), rolled_back_to=rolled_back_to)
     report.published = len({e["version"] for e in _weights(client, keys)
-                            if not e.get("metrics", {}).get("rollback")})
+                            if e["adapter"] == f"{adapter}-v{e['version']}"
+                            and not e.get("metrics", {}).get("rollback")})
     report.refused = report.steps - report.published
     for _, fields in cast(list[Any], client.xrange(keys.trainer(adapter, "quarantine"))):
         report.quarantined_batches += 1

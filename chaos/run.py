@@ -12,11 +12,18 @@ import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 
-from chaos.account import Accounting, account, drain, scored_by_turn, turn_ids_by_response
+from chaos.account import (
+    Accounting,
+    account,
+    count_cross_tenant,
+    drain,
+    scored_by_turn,
+    turn_ids_by_response,
+)
 from chaos.faults import KILLED, RESTARTED, ROLLBACK, Injector, plan
 from chaos.feedback import (
     FeedbackAccounting,
@@ -26,7 +33,7 @@ from chaos.feedback import (
 )
 from chaos.learning import Learning, StepMonitor, learning_report
 from chaos.load import Load, LoadResult
-from chaos.stack import API_KEY, MODEL, NAMESPACE, TENANT, TRAINED, Stack, StackConfig
+from chaos.stack import MODEL, NAMESPACE, TENANT, TENANTS, Stack, StackConfig
 from shared.keys import Keys
 
 
@@ -78,15 +85,17 @@ class ChaosReport:
     """Samples left in the trainer's buffer after the drain (fewer than a batch when its
     step loop kept up)."""
     data_dir: str
-    learning: Learning
+    learning: dict[str, Learning]
+    """By tenant."""
     feedback: FeedbackResult
     feedback_use: FeedbackAccounting
 
     @property
     def ok(self) -> bool:
-        use, status = self.feedback_use, self.feedback.statuses
-        return (self.drained and not self.accounting.lost and not self.accounting.duplicated
-                and not self.learning.stalled_after and not use.unused and not use.used_twice
+        use, status, acc = self.feedback_use, self.feedback.statuses, self.accounting
+        return (self.drained and not acc.lost and not acc.duplicated and not acc.cross_tenant
+                and not any(t.stalled_after for t in self.learning.values())
+                and not use.unused and not use.used_twice
                 and not status["404"] and not status["gave_up"])
 
     def render(self) -> str:
@@ -97,7 +106,8 @@ class ChaosReport:
             ("scored", a.scored), ("seen by the trainer", a.seen["trainer"]),
             ("trained", a.trained), ("seen by the skill-miner", a.seen["skill-miner"]),
             ("mined", a.mined), ("dead-lettered", a.dead_lettered),
-            ("lost (target 0)", a.lost), ("duplicated (target 0)", a.duplicated)]
+            ("lost (target 0)", a.lost), ("duplicated (target 0)", a.duplicated),
+            ("other tenant's adapter (0)", a.cross_tenant)]
         lines = ["", "chaos run: every answered turn accounted for", ""]
         lines += [f"  {name:<26}{value:>8}" for name, value in rows]
         lines += ["", "faults injected:"]
@@ -105,7 +115,9 @@ class ChaosReport:
             lines.append(f"  {name:<26}{self.faults[name]:>8}")
         for name in ("error_500", "timeout"):
             lines.append(f"  {'upstream_' + name:<26}{self.upstream_faults.get(name, 0):>8}")
-        lines += self.learning.rows() + self._feedback_rows()
+        for tenant, learning in self.learning.items():
+            lines += learning.rows(f"the learning half, tenant {tenant}:")
+        lines += self._feedback_rows()
         lines += ["", f"client errors: {dict(load.errors) or 'none'}",
                   f"left in the trainer's buffer (less than a batch): {self.trainer_backlog}"]
         if a.dead_reasons:
@@ -144,7 +156,7 @@ class ChaosReport:
                 "drained": self.drained, "wall_seconds": self.wall_seconds,
                 "phases": self.phases,
                 "trainer_backlog": self.trainer_backlog,
-                "learning": asdict(self.learning),
+                "learning": {t: asdict(x) for t, x in self.learning.items()},
                 "feedback": {"statuses": dict(self.feedback.statuses),
                              **asdict(self.feedback_use)}, "ok": self.ok}
 
@@ -163,15 +175,16 @@ def run(config: ChaosConfig) -> ChaosReport:
     try:
         stack.start(wait_workers=False)
         phases = {"start": time.monotonic() - started}
-        monitor = StepMonitor(stack.redis_url, keys, TRAINED)
-        monitor.start()
-        load = Load(stack.gateway_url + "/v1", API_KEY, MODEL, config.turns, config.concurrency,
-                    config.rate, config.stream_share, config.seed)
+        monitors = {t.name: StepMonitor(stack.redis_url, keys, t.adapter) for t in TENANTS}
+        for monitor in monitors.values():
+            monitor.start()
+        loads = _loads(stack, config)
         faults = plan(config.faults_per_kind, config.kinds, rng)
-        injector = Injector(stack, faults, lambda: load.result.sent / config.turns, rng)
+        injector = Injector(stack, faults, lambda: sum(ld.result.sent for ld in loads)
+                            / config.turns, rng)
         injector.start()
-        result, feedback = asyncio.run(_drive(load, stack, config))
-        phases["load"] = result.seconds
+        results, feedback = asyncio.run(_drive(loads, stack, config))
+        phases["load"] = max(r.seconds for r in results)
         mark = time.monotonic()
         injector.join()
         stack.wait_ready()
@@ -180,35 +193,77 @@ def run(config: ChaosConfig) -> ChaosReport:
         try:
             spool = config.data_dir / "gateway" / "spool" / "turns.jsonl"
             mark = time.monotonic()
-            drained = drain(client, keys, spool, config.drain_timeout, (TRAINED,))
+            drained = drain(client, keys, spool, config.drain_timeout,
+                            tuple(t.adapter for t in TENANTS))
             phases["drain"] = time.monotonic() - mark
-            monitor.stop()
+            for monitor in monitors.values():
+                monitor.stop()
             mark = time.monotonic()
-            accounting = account(client, keys, TRAINED, TENANT, list(result.answered))
+            accounting = _account(client, keys, results)
             feedback_use = account_feedback(feedback.sent, turn_ids_by_response(client, keys),
                                             scored_by_turn(client, keys))
-            learning = learning_report(client, keys, TRAINED, monitor.samples, injector.times,
-                                       stack.log_dir / "trainer.log", injector.rolled_back_to)
+            learning = {t.name: learning_report(
+                client, keys, t.adapter, monitors[t.name].samples, injector.times,
+                stack.log_dir / f"{t.trainer}.log",
+                injector.rolled_back_to if t.name == TENANT else None) for t in TENANTS}
             phases["accounting"] = time.monotonic() - mark
-            backlog = int(client.hlen(keys.trainer(TRAINED, "buffer")))
+            backlog = sum(int(client.hlen(keys.trainer(t.adapter, "buffer"))) for t in TENANTS)
         finally:
             client.close()
         upstream = _upstream_stats(stack)
     finally:
         stack.close()
-    return ChaosReport(result, accounting, injector.counts, upstream, drained,
+    return ChaosReport(_merged(results), accounting, injector.counts, upstream, drained,
                        time.monotonic() - started, phases, backlog, str(config.data_dir),
                        learning, feedback, feedback_use)
 
 
-async def _drive(load: Load, stack: Stack, config: ChaosConfig
-                 ) -> tuple[LoadResult, FeedbackResult]:
-    """The load, and late feedback on some of its turns while it runs."""
-    result, feedback = await asyncio.gather(
-        load.run(), send_late_feedback(stack.gateway_url, API_KEY, load.result,
-                                       config.feedback_share, config.feedback_delay,
-                                       config.seed))
-    return result, feedback
+def _loads(stack: Stack, config: ChaosConfig) -> list[Load]:
+    """One load per tenant, with its key, sharing the turns, sessions and rate."""
+    n = len(TENANTS)
+    return [Load(stack.gateway_url + "/v1", t.api_key, MODEL, config.turns // n
+                 + (i < config.turns % n), max(1, config.concurrency // n), config.rate / n,
+                 config.stream_share, None if config.seed is None else config.seed + i)
+            for i, t in enumerate(TENANTS)]
+
+
+async def _drive(loads: list[Load], stack: Stack, config: ChaosConfig
+                 ) -> tuple[list[LoadResult], FeedbackResult]:
+    """The loads, and late feedback on some of their turns while they run."""
+    feedback = [send_late_feedback(stack.gateway_url, t.api_key, load.result,
+                                   config.feedback_share, config.feedback_delay, config.seed)
+                for t, load in zip(TENANTS, loads, strict=True)]
+    done = await asyncio.gather(*(load.run() for load in loads), *feedback)
+    results = cast(list[LoadResult], list(done[:len(loads)]))
+    merged = FeedbackResult()
+    for part in cast(list[FeedbackResult], done[len(loads):]):
+        merged.sent.update(part.sent)
+        merged.statuses.update(part.statuses)
+    return results, merged
+
+
+def _account(client: redis.Redis, keys: Keys, results: list[LoadResult]) -> Accounting:
+    """Every tenant's turns accounted for against its own adapter; none in another's."""
+    total = Accounting()
+    for tenant, result in zip(TENANTS, results, strict=True):
+        answered = list(result.answered)
+        acc = account(client, keys, tenant.adapter, tenant.name, answered)
+        others = [t.adapter for t in TENANTS if t != tenant]
+        count_cross_tenant(client, keys, acc, answered, others)
+        total.add(acc)
+    return total
+
+
+def _merged(results: list[LoadResult]) -> LoadResult:
+    """The tenants' loads as one."""
+    merged = LoadResult()
+    for result in results:
+        merged.sent += result.sent
+        merged.answered.update(result.answered)
+        merged.errors.update(result.errors)
+        merged.latencies += result.latencies
+        merged.seconds = max(merged.seconds, result.seconds)
+    return merged
 
 
 def _upstream_stats(stack: Stack) -> dict[str, int]:

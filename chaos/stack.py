@@ -25,10 +25,27 @@ TENANT = "chaos"
 NAMESPACE = "chaos"
 ADAPTER = "chaos"
 TRAINED = adapter_for(ADAPTER, TENANT)
-"""The tenant's adapter (``chaos-chaos``): what the trainer trains and publishes."""
+"""The first tenant's adapter (``chaos-chaos``)."""
 MODEL = "chaos-model"
 
-WORKERS = ("scorer-1", "scorer-2", "skill-miner", "trainer")
+
+@dataclass(frozen=True)
+class Tenant:
+    """A tenant of the run: its API key, and the trainer process that trains its adapter."""
+
+    name: str
+    api_key: str
+    trainer: str
+
+    @property
+    def adapter(self) -> str:
+        return adapter_for(ADAPTER, self.name)
+
+
+TENANTS = (Tenant(TENANT, API_KEY, "trainer"), Tenant("chaos-b", "chaos-key-b", "trainer-b"))
+"""Two tenants, each with a trainer process of its own: every turn of one must be trained
+into its own adapter only."""
+WORKERS = ("scorer-1", "scorer-2", "skill-miner", *(t.trainer for t in TENANTS))
 """The stream workers, by process name."""
 
 
@@ -46,6 +63,8 @@ class StackConfig:
     batch_size: int = 32
     """The trainer's batch size."""
     with_trainer: bool = True
+    tenants: tuple[Tenant, ...] = TENANTS
+    """The tenants (the first one's key drives a single-tenant load); one trainer each."""
     seed: int | None = None
     poison_rate: float = 0.0
     """Share of upstream answers holding the token the chaos trainer refuses to train
@@ -88,7 +107,7 @@ class Stack:
         base = self._common_env()
         self.procs["gateway"] = python_proc("gateway", "services.gateway", [], {
             **base, "REEF_GATEWAY_HOST": "127.0.0.1", "REEF_GATEWAY_PORT": str(gw_port),
-            "REEF_API_KEYS": json.dumps({API_KEY: TENANT}),
+            "REEF_API_KEYS": json.dumps({t.api_key: t.name for t in c.tenants}),
             "REEF_DATA_DIR": str(c.data_dir / "gateway"),
             "REEF_UPSTREAM_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
             "REEF_UPSTREAM_TIMEOUT_SECONDS": str(c.upstream_timeout),
@@ -101,20 +120,26 @@ class Stack:
             "REEF_MINER_BASE_URL": f"http://127.0.0.1:{llm_port}/v1",
             "REEF_MINER_MODEL": "fake-miner"})
         if c.with_trainer:
-            self._worker("trainer", "chaos.trainer", {
-                **base, "REEF_MODE": "rl", "REEF_BACKEND": "local",
-                "REEF_MODEL_NAME": str(self.tiny_model_dir()),
-                "REEF_ADAPTER_NAME": ADAPTER, "REEF_TRAIN_TENANTS": json.dumps([TENANT]),
-                "REEF_GATE_ENABLED": "true",
-                "REEF_GATE_MAX_SHIFT": "1.0", "REEF_GATE_TOLERANCE": "1000",
-                "REEF_TRAINER_RETRY_BACKOFF_SECONDS": "0.2",
-                "CHAOS_TRANSIENT_RATE": str(c.transient_rate),
-                "CHAOS_REFUSE_RATE": str(c.refuse_rate),
-                **({"CHAOS_SEED": str(c.seed)} if c.seed is not None else {}),
-                "REEF_BATCH_SIZE": str(c.batch_size), "REEF_LORA_RANK": "4",
-                "REEF_LORA_ALPHA": "8", "REEF_MAX_STALENESS": "1000000",
-                "REEF_MAX_STEPS": "1000000", "OMP_NUM_THREADS": "1",
-                "REEF_DATA_DIR": str(c.data_dir / "trainer")}, ready_timeout=180)
+            for tenant in c.tenants:
+                self._trainer(tenant, base)
+
+    def _trainer(self, tenant: Tenant, base: dict[str, str]) -> None:
+        """The tenant's trainer: ``chaos.trainer``, faults as configured."""
+        c = self.config
+        self._worker(tenant.trainer, "chaos.trainer", {
+            **base, "REEF_MODE": "rl", "REEF_BACKEND": "local",
+            "REEF_MODEL_NAME": str(self.tiny_model_dir()),
+            "REEF_ADAPTER_NAME": ADAPTER, "REEF_TRAIN_TENANTS": json.dumps([tenant.name]),
+            "REEF_GATE_ENABLED": "true",
+            "REEF_GATE_MAX_SHIFT": "1.0", "REEF_GATE_TOLERANCE": "1000",
+            "REEF_TRAINER_RETRY_BACKOFF_SECONDS": "0.2",
+            "CHAOS_TRANSIENT_RATE": str(c.transient_rate),
+            "CHAOS_REFUSE_RATE": str(c.refuse_rate),
+            **({"CHAOS_SEED": str(c.seed)} if c.seed is not None else {}),
+            "REEF_BATCH_SIZE": str(c.batch_size), "REEF_LORA_RANK": "4",
+            "REEF_LORA_ALPHA": "8", "REEF_MAX_STALENESS": "1000000",
+            "REEF_MAX_STEPS": "1000000", "OMP_NUM_THREADS": "1",
+            "REEF_DATA_DIR": str(c.data_dir / tenant.trainer)}, ready_timeout=180)
 
     def tiny_model_dir(self) -> Path:
         return self.config.data_dir.parent / "tiny-llama"
@@ -146,13 +171,14 @@ class Stack:
                                        stdout=subprocess.DEVNULL)
         self.procs["redis"].start()
         self.procs["redis"].wait_ready()
+        trainers = [t.trainer for t in self.config.tenants if t.trainer in self.procs]
         for name, proc in self.procs.items():
-            if name not in ("redis", "trainer"):
+            if name != "redis" and name not in trainers:
                 proc.start()
         if builder is not None and builder.wait() != 0:
             raise ProcError("building the trainer's tiny model failed")
-        if "trainer" in self.procs:
-            self.procs["trainer"].start()
+        for name in trainers:
+            self.procs[name].start()
         for name, proc in self.procs.items():
             if wait_workers or name not in WORKERS:
                 proc.wait_ready()
