@@ -202,11 +202,9 @@ class Trainer:
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                self._backoff = min(MAX_BACKOFF_SECONDS, max(
-                    self.settings.trainer_retry_backoff_seconds, self._backoff * 2))
+                delay = self._next_backoff()
                 log.warning("trainer.unavailable", extra={
-                    "error": f"{type(exc).__name__}: {exc}"[:300], "retry_in": self._backoff})
-                delay = self._backoff
+                    "error": f"{type(exc).__name__}: {exc}"[:300], "retry_in": delay})
             if delay is None:
                 return
             if delay:
@@ -256,6 +254,11 @@ class Trainer:
                 exc_info=exc, extra={"kind": kind, "turns": len(ids),
                                      "error": f"{type(exc).__name__}: {exc}"[:300]})
         await self.ledger.settle_failure(ids, exc, transient)
+        return self._next_backoff()
+
+    def _next_backoff(self) -> float:
+        """The pause after one more failure in a row: ``trainer_retry_backoff_seconds``,
+        doubled each time, at most ``MAX_BACKOFF_SECONDS``."""
         self._backoff = min(MAX_BACKOFF_SECONDS, max(
             self.settings.trainer_retry_backoff_seconds, self._backoff * 2))
         return self._backoff
