@@ -108,6 +108,27 @@ class Keys:
         ``session`` -> feedback JSON."""
         return f"{self.namespace}:feedback:{tenant}:{session_id}"
 
+    # The adapter registry (shared.adapter_registry): entries expire unless refreshed.
+
+    def policy_replicas(self) -> str:
+        """Set of the policy replicas' ids that registered (members whose entry expired are
+        removed by whoever reads it)."""
+        return f"{self.namespace}:registry:policy"
+
+    def policy_replica(self, replica_id: str) -> str:
+        """A policy replica's registry entry (JSON, with a TTL): its base model's name, the
+        adapters it holds, the ones it failed to load."""
+        return f"{self.namespace}:registry:policy:{replica_id}"
+
+    def gateway_routers(self) -> str:
+        """Set of the gateways' ids that registered their routes."""
+        return f"{self.namespace}:registry:gateway"
+
+    def gateway_router(self, gateway_id: str) -> str:
+        """A gateway's registry entry (JSON, with a TTL): the adapters it routes to or has
+        requests on, which policy replicas keep loaded."""
+        return f"{self.namespace}:registry:gateway:{gateway_id}"
+
     def trainer(self, adapter: str, part: str) -> str:
         """A trainer's state: ``buffer`` (hash turn id -> sample), ``state`` (hash: step,
         in-flight batch)."""

@@ -173,14 +173,34 @@ class Settings(BaseSettings):
     it (after this gateway's recorder flushed what it holds) before answering 404: the
     window for a turn that another gateway replica is still recording."""
     adapter_unload_grace_seconds: float = 60.0
-    """After a hot swap, the previous adapter is unloaded this much later (requests that
-    started on it finish first)."""
+    """Only for a ``vllm`` upstream (see ``upstream_kind``), where the gateway loads and
+    unloads adapters itself: after a hot swap it unloads the previous adapter once none of
+    its own requests is on it and this long has passed (other gateways sharing the
+    upstream may still route to it). Reef's policy replicas unload by themselves, when no
+    gateway routes to an adapter and no request is on it."""
+    adapter_registry_interval_seconds: float = Field(0.5, gt=0.0, le=10.0)
+    """How often each policy replica and each gateway writes its entry of the adapter
+    registry in Redis (the adapters a replica holds; those a gateway routes to or has
+    requests on), and reads the others' (a gateway then recomputes its routes)."""
+    adapter_registry_ttl_seconds: float = Field(10.0, gt=0.0)
+    """A registry entry not refreshed for this long expires: its replica or gateway is
+    gone (crashed, or cut off from Redis)."""
     served_model_names: list[str] = Field(default_factory=list)
     """Names listed by ``GET /v1/models``; empty means ask the upstream."""
 
     # --- upstream model -----------------------------------------------------------------
     upstream_base_url: str = "http://127.0.0.1:8001/v1"
     upstream_api_key: SecretStr | None = None
+    """The bearer key the gateway sends its upstream, and the key Reef's policy server
+    requires (outside the dev profile it refuses to start without one)."""
+    upstream_kind: Literal["auto", "reef", "vllm"] = "auto"
+    """How new adapters reach the upstream. ``reef``: Reef's policy server; each replica
+    follows the ``weights`` stream itself and registers what it holds in Redis, and the
+    gateway routes a tenant to a new adapter once every live replica holds it. ``vllm``:
+    any server with vLLM's dynamic LoRA routes and no Redis; the gateway loads each new
+    adapter itself (``/v1/load_lora_adapter``, retried) and routes to it once loaded.
+    ``auto``: ``reef`` when the upstream's answers carry the policy server's
+    ``x-reef-policy-version`` header (asked at start, ``GET /models``), else ``vllm``."""
     model_map: dict[str, str] = Field(default_factory=dict)
     """Client model name -> upstream model name; names not in it pass unchanged."""
     upstream_timeout_seconds: float = 600.0
@@ -207,6 +227,19 @@ class Settings(BaseSettings):
     policy_max_new_tokens: int = 256
     policy_threads: int = 0
     """torch threads for generation; 0 lets torch decide."""
+    policy_follow_weights: bool = True
+    """Each policy replica follows the ``weights`` stream (all of it, no consumer group),
+    loads every new adapter (retrying failed loads), keeps those a gateway may still route
+    to, and registers what it holds in Redis. Off: adapters come only through load
+    requests, and the server needs no Redis."""
+    policy_replica_id: str = ""
+    """This replica's name in the adapter registry; empty: ``<hostname>-<pid>``."""
+    policy_logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "processed_logprobs"
+    """What the policy server's logprobs are of, unless a request asks (``logprobs_mode``):
+    ``processed_logprobs``, the distribution each token was drawn from (after temperature,
+    top_k and top_p, renormalised; 0 for greedy tokens), which importance ratios need;
+    ``raw_logprobs``, the model's own ``log_softmax(logits)``. Each answer says which
+    (``x-reef-sampling``), and the gateway records it in the turn."""
     policy_backend: Literal["local", "tinker"] = "local"
     """``local``: the model named by ``model_name`` on this machine. ``tinker``: sample
     from Tinker sampling clients (the base model, and the adapters the trainer publishes
