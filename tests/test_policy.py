@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from tests.conftest import free_port
@@ -58,9 +59,12 @@ def server(policy_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[PolicyServer]:
     port = free_port()
     log = tmp_path_factory.mktemp("policy-log") / "server.log"
+    # No Redis here: the server does not follow the weights stream (a replica that did
+    # would also register itself in whatever Redis answers at the default address).
     env = {**os.environ, "REEF_PROFILE": "dev", "REEF_DATA_DIR": str(policy_data_dir),
            "REEF_POLICY_HOST": "127.0.0.1", "REEF_POLICY_PORT": str(port),
-           "REEF_MODEL_NAME": MODEL, "REEF_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
+           "REEF_MODEL_NAME": MODEL, "REEF_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
+           "REEF_POLICY_FOLLOW_WEIGHTS": "false"}
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "services.policy"], env=env,
                                 stdout=out, stderr=subprocess.STDOUT,
@@ -112,8 +116,11 @@ def test_answer_carries_aligned_token_ids_and_logprobs(server: PolicyServer,
                                                       tokenizer: Any) -> None:
     raw = server.client().chat.completions.with_raw_response.create(
         model=MODEL, messages=PROMPT, max_tokens=12, temperature=0.8, seed=7,
-        logprobs=True, top_logprobs=2, extra_body={"return_token_ids": True})
+        logprobs=True, top_logprobs=2, extra_body={"return_token_ids": True, "top_k": 50})
     assert raw.headers["x-reef-policy-version"] == "base"
+    assert orjson.loads(raw.headers["x-reef-sampling"]) == {
+        "logprobs_kind": "processed", "temperature": 0.8, "top_p": 1.0, "top_k": 50,
+        "seed": 7, "greedy": False}
     answer = raw.parse()
     assert answer.model == MODEL
     choice = answer.choices[0]
@@ -301,23 +308,25 @@ def test_incomplete_utf8_is_held_back() -> None:
     assert tracker.push(2) == "é"
 
 
-def test_greedy_and_nucleus_sampling_report_model_logprobs() -> None:
-    import torch
+def test_greedy_answers_report_logprob_0_and_raw_mode_the_models(server: PolicyServer) -> None:
+    """Processed logprobs (the default): a greedy token had probability 1. Asked for raw
+    ones (``logprobs_mode``), the same tokens carry the model's own logprobs."""
+    client = server.client()
 
-    from services.policy.engine import SamplingParams, sample
+    def greedy(**extra: Any) -> tuple[Any, dict[str, Any]]:
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=PROMPT, max_tokens=6, temperature=0, logprobs=True,
+            extra_body={"return_token_ids": True, **extra})
+        return raw.parse(), orjson.loads(raw.headers["x-reef-sampling"])
 
-    logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
-    generator = torch.Generator().manual_seed(0)
-    greedy = sample(logits, SamplingParams(1, temperature=0.0, top_logprobs=2), generator)
-    assert greedy.token_id == 0
-    assert greedy.logprob == pytest.approx(float(torch.log_softmax(logits, -1)[0]))
-    assert [t for t, _ in greedy.top] == [0, 1]
-    tight = SamplingParams(1, temperature=0.5, top_p=0.01)
-    for _ in range(20):  # the nucleus holds only the best token
-        token = sample(logits, tight, generator)
-        assert token.token_id == 0
-        # Raw model logprobs, not the tempered ones: training scores untempered logits.
-        assert token.logprob == pytest.approx(float(torch.log_softmax(logits, -1)[0]))
+    processed, stated = greedy()
+    assert [e.logprob for e in processed.choices[0].logprobs.content] == [0.0] * 6
+    assert stated["logprobs_kind"] == "processed" and stated["greedy"] is True
+    raw, stated_raw = greedy(logprobs_mode="raw_logprobs")
+    assert stated_raw["logprobs_kind"] == "raw"
+    assert raw.choices[0].model_extra["token_ids"] == processed.choices[0].model_extra[
+        "token_ids"]
+    assert all(e.logprob < 0 for e in raw.choices[0].logprobs.content[:1])
 
 
 def test_completions_scores_a_sequence_like_the_chat_sampler(server: PolicyServer) -> None:
@@ -326,17 +335,34 @@ def test_completions_scores_a_sequence_like_the_chat_sampler(server: PolicyServe
     policy_url = server.url
     client = server.client()
     resp = client.chat.completions.create(
-        model="x", messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=8,
+        model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=8,
         temperature=1.0, logprobs=True, seed=3, extra_body={"return_token_ids": True})
     extra = resp.model_extra or {}
     prompt_ids = extra["prompt_token_ids"]
     sampled = (resp.choices[0].model_extra or {})["token_ids"]
     sampler_lps = [t.logprob for t in resp.choices[0].logprobs.content]  # type: ignore[union-attr]
     scored = httpx.post(policy_url + "/v1/completions", timeout=60, json={
-        "model": "x", "prompt": prompt_ids + sampled, "echo": True, "logprobs": 1,
+        "model": MODEL, "prompt": prompt_ids + sampled, "echo": True, "logprobs": 1,
         "max_tokens": 0}).json()
     values = scored["choices"][0]["logprobs"]["token_logprobs"]
     assert values[0] is None and len(values) == len(prompt_ids) + len(sampled)
     assert values[-len(sampled):] == pytest.approx(sampler_lps, abs=2e-3)
     bad = httpx.post(policy_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 5})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
+def test_an_unknown_model_name_is_a_404_never_the_base_model(server: PolicyServer) -> None:
+    """Any name but the base model's (or no name) and a loaded adapter's is refused: a
+    gateway that asks for an adapter this server does not hold must not get base answers."""
+    with pytest.raises(openai.NotFoundError) as err:
+        server.client().chat.completions.create(model="reef-v9", messages=PROMPT, max_tokens=1)
+    assert err.value.code == "model_not_found"
+    response = httpx.post(server.url + "/v1/completions", json={
+        "model": "reef-v9", "prompt": [1, 2, 3], "echo": True, "logprobs": 1, "max_tokens": 0})
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["code"], error["param"]) == ("model_not_found", "model")
+    answer = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "messages": PROMPT, "max_tokens": 1})  # no model: the base model
+    assert answer.status_code == 200 and answer.headers["x-reef-policy-version"] == "base"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import gc
+import shutil
 import threading
 import time
 import weakref
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import orjson
 import pytest
 import torch
@@ -84,7 +86,8 @@ def adapters(server: PolicyServer, tmp_path_factory: pytest.TempPathFactory) -> 
 
     base = AutoModelForCausalLM.from_pretrained(server.data_dir / "models" / MODEL,
                                                 dtype=torch.float32).eval()
-    folder = tmp_path_factory.mktemp("adapters")
+    # Inside the server's data directory: adapters are loaded from nowhere else.
+    folder = server.data_dir / "adapters" / f"lora-{time.monotonic_ns()}"
     return Adapters(base, make_adapter(base, folder / "a", 1),
                     make_adapter(base, folder / "b", 2, targets=OTHER_TARGETS))
 
@@ -99,9 +102,10 @@ def unload(srv: PolicyServer, name: str) -> httpx.Response:
 
 
 def greedy(srv: PolicyServer, model: str, max_tokens: int) -> tuple[str, Any]:
+    """A greedy answer with the model's own (raw) logprobs, to compare with peft's."""
     raw = srv.client().chat.completions.with_raw_response.create(
         model=model, messages=PROMPT, max_tokens=max_tokens, temperature=0, logprobs=True,
-        extra_body={"return_token_ids": True})
+        extra_body={"return_token_ids": True, "logprobs_mode": "raw_logprobs"})
     return raw.headers["x-reef-policy-version"], raw.parse()
 
 
@@ -135,15 +139,16 @@ def test_adapter_answers_with_its_own_weights(server: PolicyServer, adapters: Ad
     assert served != pytest.approx(base_expected, abs=LOGPROB_TOLERANCE)
 
 
-def test_load_and_unload_errors_follow_vllm(server: PolicyServer, adapters: Adapters,
-                                            tmp_path: Path) -> None:
+def test_load_and_unload_errors_follow_vllm(server: PolicyServer, adapters: Adapters) -> None:
+    inside = adapters.a.parent
     assert_openai_error(httpx.post(server.url + "/v1/load_lora_adapter", json={}),
                         400, "lora_invalid")
-    assert_openai_error(load(server, "x", tmp_path / "missing"), 400, "lora_not_found")
-    assert_openai_error(load(server, "x", tmp_path), 400, "lora_not_found")
+    assert_openai_error(load(server, "x", inside / "missing"), 400, "lora_not_found")
+    assert_openai_error(load(server, "x", inside), 400, "lora_not_found")
     assert_openai_error(load(server, "base", adapters.a), 400, "lora_invalid")
+    assert_openai_error(load(server, MODEL, adapters.a), 400, "lora_invalid")
     assert_openai_error(load(server, "has space", adapters.a), 400, "lora_invalid")
-    tiny_adapter = _tiny_adapters(tmp_path, 1)[1][0]  # same module names, other shapes
+    tiny_adapter = _tiny_adapters(inside, 1)[1][0]  # same module names, other shapes
     assert_openai_error(load(server, "x", tiny_adapter), 400, "lora_mismatch")
 
     assert load(server, "dup", adapters.a).status_code == 200
@@ -156,14 +161,33 @@ def test_load_and_unload_errors_follow_vllm(server: PolicyServer, adapters: Adap
     assert_openai_error(unload(server, "dup"), 404, "lora_not_found")
 
 
-def test_unloaded_name_is_served_by_the_base_model(server: PolicyServer,
-                                                    adapters: Adapters) -> None:
+def test_an_unloaded_name_is_a_404_not_the_base_model(server: PolicyServer,
+                                                       adapters: Adapters) -> None:
     assert load(server, "gone", adapters.a).status_code == 200
     assert unload(server, "gone").status_code == 200
     ids = [c["id"] for c in httpx.get(server.url + "/v1/models").json()["data"]]
     assert "gone" not in ids
-    version, answer = greedy(server, "gone", 1)
-    assert (version, answer.model) == ("base", MODEL)
+    with pytest.raises(openai.NotFoundError) as err:
+        greedy(server, "gone", 1)
+    assert err.value.code == "model_not_found"
+
+
+def test_adapter_paths_are_confined_to_the_data_directory(
+        server: PolicyServer, adapters: Adapters, tmp_path: Path) -> None:
+    """Outside the data directory (an absolute path, a symlink inside it that leads out)
+    or with '..' (even leading back in), a load is refused before anything is read;
+    inside it, relative paths work."""
+    outside = shutil.copytree(adapters.a, tmp_path / "outside")  # a real adapter
+    relative = adapters.a.relative_to(server.data_dir)
+    link = adapters.a.parent / f"link-out-{tmp_path.name}"
+    link.symlink_to(outside, target_is_directory=True)
+    for path in (outside, "/etc", link, f"{adapters.a}/../a", f"{relative}/../a",
+                 "../" + server.data_dir.name + f"/{relative}"):
+        response = load(server, "confined", path)
+        assert_openai_error(response, 400, "lora_path_not_allowed")
+        assert response.json()["error"]["param"] == "lora_path"
+    assert load(server, "confined", relative).status_code == 200
+    assert unload(server, "confined").status_code == 200
 
 
 def test_hot_swap_during_a_stream(server: PolicyServer, adapters: Adapters) -> None:
@@ -171,7 +195,8 @@ def test_hot_swap_during_a_stream(server: PolicyServer, adapters: Adapters) -> N
     event loop keeps answering during the load."""
     assert load(server, "swap-a", adapters.a).status_code == 200
     body = {"model": "swap-a", "messages": PROMPT, "max_tokens": 20, "temperature": 0,
-            "stream": True, "logprobs": True, "return_token_ids": True}
+            "stream": True, "logprobs": True, "return_token_ids": True,
+            "logprobs_mode": "raw_logprobs"}
     events: list[dict[str, Any]] = []
     with httpx.Client(timeout=60) as http, \
             http.stream("POST", server.url + "/v1/chat/completions", json=body) as stream:
@@ -192,7 +217,8 @@ def test_hot_swap_during_a_stream(server: PolicyServer, adapters: Adapters) -> N
     expected, _ = adapters.reference(adapters.a, events[0]["prompt_token_ids"], ids)
     assert served == pytest.approx(expected, abs=LOGPROB_TOLERANCE)  # all of it on A
     assert greedy(server, "swap-b", 1)[0] == "swap-b"
-    assert greedy(server, "swap-a", 1)[0] == "base"
+    with pytest.raises(openai.NotFoundError):  # unloaded: a 404, never the base model
+        greedy(server, "swap-a", 1)
 
 
 def _health_latencies_while(srv: PolicyServer, action: Any) -> list[float]:
@@ -233,7 +259,8 @@ def _tiny_adapters(folder: Path, count: int) -> tuple[Any, list[Path]]:
 def test_registry_matches_peft_and_evicts_the_least_recently_used_idle(tmp_path: Path) -> None:
     from peft import PeftModel
 
-    from services.policy.lora import ActiveAdapter, AdapterRegistry, holding
+    from services.policy.lora import ActiveAdapter
+    from services.policy.registry import AdapterRegistry, holding
 
     base, paths = _tiny_adapters(tmp_path, 3)
     served = copy.deepcopy(base)

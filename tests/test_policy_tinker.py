@@ -134,9 +134,12 @@ def cloud() -> FakeService:
 
 
 @pytest.fixture(scope="module")
-def policy(cloud: FakeService) -> Iterator[str]:
+def policy(cloud: FakeService, redis_server: RedisServer) -> Iterator[str]:
+    """The policy server as a replica following the test's weights stream."""
     settings = Settings(profile="dev", policy_backend="tinker", model_name=MODEL,
-                        tinker_context_length=64, tinker_timeout_seconds=5)
+                        tinker_context_length=64, tinker_timeout_seconds=5,
+                        redis_url=redis_server.url, namespace=NS,
+                        adapter_registry_interval_seconds=0.1)
     tok = tokenizer()
 
     def load(s: Settings, served: str) -> tinker_engine.TinkerServing:
@@ -203,6 +206,11 @@ def test_the_gateway_samples_from_tinker_and_records_the_exact_tokens(
     assert turn.sampled.logprobs == [-0.5, -0.75]
     assert turn.sampled.prompt_token_ids == rendered
     assert turn.policy_version == "base"
+    # What Tinker's logprobs are of is not documented: recorded as unknown, with the
+    # sampling the request asked for (no top-k cut: -1 for Tinker).
+    assert (turn.sampled.logprobs_kind, turn.sampled.temperature, turn.sampled.top_p,
+            turn.sampled.top_k, turn.sampled.greedy) == (None, 0.7, 1.0, 0, False)
+    assert params.top_k == -1
 
     streamed, _ = ask(gateway, "tk-2", stream=True)
     assert streamed == "Paris"
@@ -253,7 +261,8 @@ def test_a_local_path_is_refused_and_tinker_failures_keep_the_server_unready(
         raise ConnectionError("tinker unreachable")
 
     port = free_port()
-    settings = Settings(profile="dev", policy_backend="tinker", model_name=MODEL)
+    settings = Settings(profile="dev", policy_backend="tinker", model_name=MODEL,
+                        policy_follow_weights=False)
     server = ThreadedServer(create_app(settings, tinker_load=failing), port, "failing")
     server.start()
     try:
@@ -273,7 +282,8 @@ def test_a_local_path_is_refused_and_tinker_failures_keep_the_server_unready(
 def test_metrics_need_the_metrics_key(cloud: FakeService) -> None:
     prod: dict[str, Any] = {"profile": "prod", "policy_backend": "tinker", "model_name": MODEL,
                             "upstream_api_key": "sk-gateway-key",
-                            "api_keys": {"sk-some-client-key": "t"}}
+                            "api_keys": {"sk-some-client-key": "t"},
+                            "policy_follow_weights": False}
     settings = Settings(**prod, metrics_key="policy-metrics-key-1")
     with pytest.raises(ValueError, match="metrics_key"):
         create_app(Settings(**prod))

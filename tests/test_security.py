@@ -184,6 +184,26 @@ async def test_the_policy_server_needs_the_gateways_upstream_key() -> None:
         assert resp.status_code == 503  # past the lock: the model is not loaded here
 
 
+def test_the_policy_server_is_closed_by_default() -> None:
+    """Outside the dev profile the policy server refuses to start without its key, and
+    says which field is missing (in process, then as the real command)."""
+    pytest.importorskip("torch")
+    from services.policy.app import create_app
+    from shared.settings import ConfigError
+
+    prod = Settings(profile="prod", api_keys={"sk-a-client-key-91": "t"},
+                    metrics_key="policy-metrics-key-3", policy_follow_weights=False)
+    with pytest.raises(ConfigError, match=r"upstream_api_key \(REEF_UPSTREAM_API_KEY\)"):
+        create_app(prod)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REEF_")}
+    env.update({"REEF_PROFILE": "prod", "REEF_API_KEYS": '{"sk-a-client-key-91": "t"}',
+                "REEF_METRICS_KEY": "policy-metrics-key-3"})
+    refused = subprocess.run([sys.executable, "-m", "services.policy"], env=env, timeout=120,
+                             capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert refused.returncode == 2
+    assert "upstream_api_key (REEF_UPSTREAM_API_KEY) is not set" in refused.stderr
+
+
 # --- the metrics key --------------------------------------------------------------------
 
 def test_a_worker_metrics_port_needs_the_metrics_key() -> None:

@@ -14,7 +14,9 @@ from jinja2 import TemplateError
 from starlette.requests import Request
 
 from services.policy.engine import Delta, PolicyEngine, SamplingParams
-from services.policy.lora import Adapter, holding
+from services.policy.lora import Adapter
+from services.policy.registry import holding
+from services.policy.sampling import LogprobsMode
 from services.policy.schemas import (
     ChatCompletionRequest,
     ChoiceBuilder,
@@ -56,7 +58,8 @@ class Job:
 
 
 def prepare(req: ChatCompletionRequest, engine: PolicyEngine, model_name: str,
-            max_new_tokens_cap: int, adapter: Adapter | None = None) -> Job:
+            max_new_tokens_cap: int, adapter: Adapter | None = None,
+            logprobs_mode: LogprobsMode = "processed_logprobs") -> Job:
     """Validate ``req`` and turn it into a job; raises ``BadRequestError``."""
     n = req.n or 1
     if n > MAX_CHOICES:
@@ -74,11 +77,22 @@ def prepare(req: ChatCompletionRequest, engine: PolicyEngine, model_name: str,
         max_new_tokens=max_new,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=max(req.top_k or 0, 0),
         seed=req.seed,
         stop=req.stop_strings(),
         top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
+        logprobs_mode=req.logprobs_mode or logprobs_mode,
     )
     return Job(req, prompt_ids, params, n, adapter.name if adapter else model_name, adapter)
+
+
+def sampling_header(job: Job, engine: PolicyEngine) -> str:
+    """The ``x-reef-sampling`` value: what the logprobs are of and how the answer was
+    sampled (the effective values, defaults included; the seed of choice 0)."""
+    p = job.params
+    return orjson.dumps({
+        "logprobs_kind": engine.logprobs_kind(p), "temperature": p.temperature,
+        "top_p": p.top_p, "top_k": p.top_k, "seed": p.seed, "greedy": p.greedy}).decode()
 
 
 def _prompt_ids(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:

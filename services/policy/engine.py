@@ -3,12 +3,10 @@
 Writing the loop ourselves (rather than calling ``generate()``) gives the exact ids that
 were sampled, their log-probabilities, and a place to stop when the client goes away.
 
-**Logprobs** are ``log_softmax(logits)`` of the raw model logits, whatever the sampling
-temperature or ``top_p`` (vLLM's default, ``raw_logprobs``). Training computes the same
-quantity from the same weights (both backends score untempered logits), so an importance
-ratio starts at exactly 1; reporting the tempered distribution instead made the first
-step's ratios wrong for any temperature but 1 (measured: 40% of tokens PPO-clipped at
-T=0.8 before any update).
+**Logprobs** are, by default, those of the distribution each token was drawn from (after
+temperature, top_k and top_p: vLLM's ``processed_logprobs``), or the model's raw
+``log_softmax(logits)`` when a request (or ``policy_logprobs_mode``) asks for
+``raw_logprobs``; ``services/policy/sampling.py`` draws the token and says which.
 
 The model is used by one thread at a time: the engine owns a single-worker executor,
 so requests queue in arrival order and never block the event loop. That thread also
@@ -25,40 +23,21 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from transformers import DynamicCache
 
 from services.policy.lora import ActiveAdapter, Adapter
+from services.policy.sampling import SampledToken, SamplingParams, sample
 from services.policy.text import StopTracker
+
+__all__ = ["Delta", "Engine", "PolicyEngine", "SampledToken", "SamplingParams", "fit_context"]
 
 log = logging.getLogger(__name__)
 
 _DONE = object()
 """Queue sentinel: the generation thread has finished."""
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """How to sample one request's answers."""
-
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    top_logprobs: int = 0
-    """How many most likely alternatives to report per position (0: none)."""
-
-
-@dataclass(frozen=True, slots=True)
-class SampledToken:
-    """One sampled token with its logprob and, when asked, the best alternatives."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +65,10 @@ class PolicyEngine(Protocol):
     vocab_size: int
 
     def max_new_tokens_for(self, prompt_length: int, requested: int) -> int: ...
+
+    def logprobs_kind(self, params: SamplingParams) -> Literal["processed", "raw"] | None:
+        """What the logprobs reported under ``params`` are of (None: unknown)."""
+        ...
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, n: int,
                cancel: threading.Event, adapter: Adapter | None = None
@@ -226,6 +209,9 @@ class Engine:
     def max_new_tokens_for(self, prompt_length: int, requested: int) -> int:
         return fit_context(self.context_length, prompt_length, requested)
 
+    def logprobs_kind(self, params: SamplingParams) -> Literal["processed", "raw"]:
+        return params.logprobs_kind
+
 
 def fit_context(context_length: int, prompt_length: int, requested: int) -> int:
     """``requested`` new tokens capped so that prompt and answer fit ``context_length``
@@ -238,33 +224,6 @@ def fit_context(context_length: int, prompt_length: int, requested: int) -> int:
 def _retrieve(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def sample(logits: torch.Tensor, params: SamplingParams,
-           generator: torch.Generator) -> SampledToken:
-    """Draw a token from one position's logits; see the module docstring for logprobs."""
-    greedy = params.temperature <= 0.0
-    logprobs = torch.log_softmax(logits, dim=-1)
-    if greedy:
-        token_id = int(torch.argmax(logprobs))
-    else:
-        probs = torch.softmax(logits / params.temperature, dim=-1)
-        if params.top_p < 1.0:
-            probs = _nucleus(probs, params.top_p)
-        token_id = int(torch.multinomial(probs, 1, generator=generator))
-    top: tuple[tuple[int, float], ...] = ()
-    if params.top_logprobs > 0:
-        values, ids = torch.topk(logprobs, params.top_logprobs)
-        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-    return SampledToken(token_id, float(logprobs[token_id]), top)
-
-
-def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """``probs`` with everything outside the smallest set of mass ``top_p`` zeroed."""
-    sorted_probs, order = torch.sort(probs, descending=True)
-    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs[before >= top_p] = 0.0  # the most likely token always survives
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

@@ -15,22 +15,18 @@ switch with nothing to mutate under a running generation:
   generation thread; registering it is a dict store on the event loop.
 - A request resolves its adapter when it is accepted and keeps the object until it ends;
   the engine points ``ActiveAdapter.current`` at it for the whole generation. Unloading or
-  replacing an adapter only drops the registry's reference, so in-flight requests finish on
-  the weights they started with and the tensors are freed when the last of them ends.
+  replacing an adapter only drops the registry's reference (``registry.py``), so in-flight
+  requests finish on the weights they started with and the tensors are freed when the
+  last of them ends.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
-import re
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,14 +38,10 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-MAX_LOADED_ADAPTERS = 8
-"""Adapters kept loaded; loading one more evicts the least recently used idle one."""
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 """Prefix ``save_pretrained`` puts before the base model's module names."""
-_NAME = re.compile(r"[\x21-\x7e]{1,200}")
-"""Adapter names: printable ASCII without spaces, since they travel in a response header."""
 _UNSUPPORTED = ("use_dora", "lora_bias", "alpha_pattern", "modules_to_save", "target_parameters",
                 "layer_replication", "trainable_token_indices", "alora_invocation_tokens",
                 "fan_in_fan_out", "use_bdlora", "arrow_config")
@@ -64,10 +56,6 @@ class AdapterError(ValueError):
         super().__init__(message)
         self.code = code
         self.param = param
-
-
-class AdapterNotFoundError(KeyError):
-    """No adapter of that name is loaded: a 404 on unload."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,121 +193,3 @@ def read_adapter(name: str, path: str, model: nn.Module) -> Adapter:
         deltas[module_name] = delta
         nbytes += delta.a.nbytes + delta.b.nbytes
     return Adapter(name, str(folder), deltas, nbytes)
-
-
-@contextmanager
-def holding(adapter: Adapter | None) -> Iterator[None]:
-    """Count a request on ``adapter`` while it is queued or generating (event loop only)."""
-    if adapter is None:
-        yield
-        return
-    adapter.in_use += 1
-    try:
-        yield
-    finally:
-        adapter.in_use -= 1
-
-
-class Adapters:
-    """The loaded adapters by name, in least-recently-used order; how an adapter is read
-    is the subclass's (``_read_and_install``, called on a worker thread).
-
-    ``load``, ``unload`` and ``select`` run on the event loop, so the registry needs no
-    lock of its own.
-    """
-
-    def __init__(self, base_name: str, max_loaded: int = MAX_LOADED_ADAPTERS) -> None:
-        self.base_name = base_name
-        self.max_loaded = max_loaded
-        self._adapters: OrderedDict[str, Adapter] = OrderedDict()
-        self._loading: set[str] = set()
-
-    def _read_and_install(self, name: str, path: str) -> Adapter:
-        raise NotImplementedError
-
-    def __iter__(self) -> Iterator[Adapter]:
-        return iter(list(self._adapters.values()))
-
-    def __len__(self) -> int:
-        return len(self._adapters)
-
-    def select(self, model_field: str) -> Adapter | None:
-        """The adapter named exactly ``model_field``, else None (the base model)."""
-        adapter = self._adapters.get(model_field)
-        if adapter is not None:
-            self._adapters.move_to_end(model_field)
-        return adapter
-
-    async def load(self, name: str, path: str, replace: bool = False) -> Adapter:
-        """Load ``path`` as ``name``; with ``replace``, a loaded ``name`` is superseded."""
-        self._check_name(name, replace)
-        self._loading.add(name)
-        started = time.perf_counter()
-        try:
-            adapter = await asyncio.to_thread(self._read_and_install, name, path)
-        finally:
-            self._loading.discard(name)
-        self._adapters.pop(name, None)
-        self._adapters[name] = adapter
-        self._evict()
-        log.info("policy.lora_loaded name=%s bytes=%d layers=%d seconds=%.3f", name,
-                 adapter.nbytes, len(adapter.deltas), time.perf_counter() - started)
-        return adapter
-
-    def _check_name(self, name: str, replace: bool) -> None:
-        if not _NAME.fullmatch(name):
-            raise AdapterError("lora_name must be 1-200 printable ASCII characters, no spaces",
-                               param="lora_name")
-        if name in ("base", self.base_name):
-            raise AdapterError(f"'{name}' names the base model; choose another lora_name",
-                               param="lora_name")
-        if name in self._loading:
-            raise AdapterError(f"The lora adapter '{name}' is being loaded.",
-                               "lora_already_loaded", "lora_name")
-        if name in self._adapters and not replace:
-            raise AdapterError(f"The lora adapter '{name}' has already been loaded.",
-                               "lora_already_loaded", "lora_name")
-
-    def unload(self, name: str) -> Adapter:
-        """Forget ``name``; requests already holding it finish on it, then it is freed."""
-        adapter = self._adapters.pop(name, None)
-        if adapter is None:
-            raise AdapterNotFoundError(name)
-        log.info("policy.lora_unloaded name=%s in_use=%d", name, adapter.in_use)
-        return adapter
-
-    def _evict(self) -> None:
-        while len(self._adapters) > self.max_loaded:
-            idle = [a for a in self._adapters.values() if a.in_use == 0]
-            # Every adapter busy: evict the least recently used anyway; its requests
-            # keep their reference, so they still finish on it (loading never refuses).
-            victim = idle[0] if idle else next(iter(self._adapters.values()))
-            del self._adapters[victim.name]
-            log.info("policy.lora_evicted name=%s in_use=%d", victim.name, victim.in_use)
-
-
-class AdapterRegistry(Adapters):
-    """PEFT adapters on the local model: reading one wraps the layers it changes (once)
-    in ``LoraLinear``; only that wrapping (on loader threads) takes a lock."""
-
-    def __init__(self, model: nn.Module, active: ActiveAdapter, base_name: str,
-                 max_loaded: int = MAX_LOADED_ADAPTERS) -> None:
-        super().__init__(base_name, max_loaded)
-        self.model = model
-        self.active = active
-        self._wrap_lock = threading.Lock()
-
-    def _read_and_install(self, name: str, path: str) -> Adapter:
-        adapter = read_adapter(name, path, self.model)
-        with self._wrap_lock:
-            for module_name in adapter.deltas:
-                self._wrap(module_name)
-        return adapter
-
-    def _wrap(self, module_name: str) -> None:
-        """Put a ``LoraLinear`` around one base layer (once): a single attribute store."""
-        parent_name, _, child = module_name.rpartition(".")
-        parent = self.model.get_submodule(parent_name)
-        module = getattr(parent, child)
-        if not isinstance(module, LoraLinear):
-            setattr(parent, child, LoraLinear(module, module_name, self.active))

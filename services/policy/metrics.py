@@ -1,8 +1,11 @@
 """The policy server's Prometheus metrics, served on its own ``/metrics`` (metrics key).
 
 An ASGI middleware counts every request by route and status and times it; the adapter
-routes count loads and unloads; gauges say whether the model is ready and how many
-adapters are loaded. Labels are route templates and outcomes, never content.
+routes count loads and unloads (``action`` ``load``/``unload``), and so does the replica's
+follower of the ``weights`` stream (``follow``/``follow_unload``, outcome ``ok`` or
+``failed``); gauges say whether the model is ready, how many adapters are loaded and how
+many tenants' newest adapter is failing to load here. Labels are route templates and
+outcomes, never content.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class PolicyMetrics:
     request_seconds: Histogram
     adapter_changes: Counter
     adapters_loaded: Gauge
+    adapters_failing: Gauge
     ready: Gauge
 
     @classmethod
@@ -44,6 +48,10 @@ class PolicyMetrics:
                                     ["action", "outcome"], registry=reg),
             adapters_loaded=Gauge("reef_policy_adapters_loaded", "LoRA adapters in memory.",
                                   registry=reg),
+            adapters_failing=Gauge(
+                "reef_policy_adapters_failing",
+                "Tenants whose newest published adapter failed to load on this replica "
+                "(retried with backoff; /readyz answers 503 meanwhile).", registry=reg),
             ready=Gauge("reef_policy_ready",
                         "1 once the model (or the Tinker sampler) is loaded.", registry=reg),
         )

@@ -12,9 +12,12 @@ import time
 import uuid
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
 
-from services.policy.engine import Delta, SampledToken
+from services.policy.engine import Delta
+from services.policy.sampling import LogprobsMode, SampledToken
 from services.policy.text import TokenTexts
 
 
@@ -50,6 +53,8 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    """Keep only the k most likely tokens (vLLM's extension; 0 or -1: no cut)."""
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int | None = Field(None, ge=1)
@@ -58,6 +63,10 @@ class ChatCompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool | None = False
+    logprobs_mode: LogprobsMode | None = None
+    """``processed_logprobs`` (the distribution each token was drawn from) or
+    ``raw_logprobs`` (the model's own); None: the server's ``policy_logprobs_mode``. vLLM
+    takes this as a server option; here a request may pick it too."""
 
     def stop_strings(self) -> tuple[str, ...]:
         """``stop`` as a tuple (OpenAI allows one string or a list)."""
@@ -132,6 +141,19 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
                code: str | None = None) -> dict[str, Any]:
     """An error in OpenAI's shape."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> Response:
+    """``body`` as a JSON response."""
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None,
+                   code: str | None = None) -> Response:
+    """An error response in OpenAI's shape."""
+    return json_response(error_body(message, type_, param, code), status)
 
 
 class LoadLoraAdapterRequest(BaseModel):

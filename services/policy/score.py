@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.policy.chat import BadRequestError
 from services.policy.engine import PolicyEngine
-from services.policy.lora import Adapter, holding
+from services.policy.lora import Adapter
+from services.policy.registry import holding
 from services.policy.schemas import completion_id, now, usage
 
 

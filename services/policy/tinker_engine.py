@@ -16,6 +16,14 @@ Differences from the local engine, all from the SDK:
 - A request cannot be cancelled once sent; a client that hangs up only stops the stream.
 - Prompts are rendered here with the base model's chat template (``tinker_tokenizer``,
   default ``model_name``: a Hugging Face name or a local tokenizer directory).
+- **Which logprobs Tinker returns is unknown.** ``SampledSequence.logprobs`` are passed on
+  as the sampler gives them; the SDK (0.38.0) documents them only as "log probabilities
+  for each generated token", not whether they are of the model's raw distribution or of
+  the one the token was drawn from (after ``temperature``, ``top_k``, ``top_p``), and no
+  request option picks one. So the answer states the kind as unknown
+  (``logprobs_kind: null`` in ``x-reef-sampling``) and ``logprobs_mode`` is ignored here;
+  a trainer must not treat them as processed logprobs unless the sampling was plain
+  (temperature 1, no cut), where both kinds agree.
 
 Every SDK call returns a future, waited for on a worker thread with ``tinker_timeout_seconds``;
 creating the ``ServiceClient`` blocks while the service is unreachable, which is why the
@@ -27,12 +35,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from services.policy.engine import Delta, SampledToken, SamplingParams, fit_context
-from services.policy.lora import Adapter, AdapterError, Adapters
+from services.policy.lora import Adapter, AdapterError
+from services.policy.registry import Adapters
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,8 +65,9 @@ def _wait(future: Any, timeout: float, call: str) -> Any:
 class TinkerAdapters(Adapters):
     """Adapters as Tinker sampling clients, created from ``tinker://`` sampler paths."""
 
-    def __init__(self, service: Any, base_name: str, timeout: float) -> None:
-        super().__init__(base_name)
+    def __init__(self, service: Any, base_name: str, timeout: float,
+                 base_aliases: Iterable[str] = ()) -> None:
+        super().__init__(base_name, base_aliases=base_aliases)
         self._service = service
         self._timeout = timeout
 
@@ -88,6 +98,10 @@ class TinkerEngine:
     def max_new_tokens_for(self, prompt_length: int, requested: int) -> int:
         return fit_context(self.context_length, prompt_length, requested)
 
+    def logprobs_kind(self, params: SamplingParams) -> Literal["processed", "raw"] | None:
+        """Unknown: see the module docstring."""
+        return None
+
     def _client(self, adapter: Adapter | None) -> Any:
         return adapter.client if isinstance(adapter, TinkerAdapter) else self.base
 
@@ -102,7 +116,8 @@ class TinkerEngine:
             types.ModelInput.from_ints(prompt_ids), num_samples=n,
             sampling_params=types.SamplingParams(
                 max_tokens=params.max_new_tokens, temperature=params.temperature,
-                top_p=params.top_p, seed=params.seed, stop=list(params.stop) or None),
+                top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else -1,
+                seed=params.seed, stop=list(params.stop) or None),
             topk_sample_logprobs=params.top_logprobs)
         response = await asyncio.to_thread(_wait, future, self._timeout, "sample")
         for index, sequence in enumerate(response.sequences):
@@ -173,4 +188,5 @@ def load(settings: Settings, served_name: str, *,
     engine = TinkerEngine(base, tokenizer, context_length=settings.tinker_context_length,
                           timeout=timeout)
     log.info("policy.tinker_ready model=%s", settings.model_name)
-    return TinkerServing(engine, TinkerAdapters(service, served_name, timeout), service)
+    adapters = TinkerAdapters(service, served_name, timeout, base_aliases=(settings.model_name,))
+    return TinkerServing(engine, adapters, service)
