@@ -3,7 +3,8 @@
 The model name picks the behaviour, so one server covers every case:
 ``fake-text`` (default), ``fake-tools`` (a tool call, streamed in pieces),
 ``fake-reasoning``, ``fake-slow`` (chunks 0.3 s apart), ``fake-400``, ``fake-500``,
-``fake-hang`` (never answers), ``fake-garbage`` (invalid JSON). Every request body
+``fake-hang`` (never answers), ``fake-garbage`` (invalid JSON); a loaded LoRA adapter
+whose path holds ``slow`` streams like ``fake-slow``. Every request body
 received is kept in ``requests``; cancelled streams are counted in ``disconnects``.
 """
 
@@ -45,6 +46,8 @@ class FakeUpstream:
         self.adapters: dict[str, str] = {}
         """Loaded LoRA adapters, name -> path (vLLM's dynamic LoRA endpoints)."""
         self.adapter_calls: list[tuple[str, str]] = []
+        self.refuse_loads = 0
+        """The next this many loads fail with a 503 (a server that is busy, or restarting)."""
         self.app = self._build()
         self._http = ThreadedServer(self.app, port, "fake upstream",
                                     timeout_graceful_shutdown=None)
@@ -83,6 +86,9 @@ class FakeUpstream:
         async def load(request: Request) -> Response:
             body = orjson.loads(await request.body())
             self.adapter_calls.append(("load", body["lora_name"]))
+            if self.refuse_loads > 0:
+                self.refuse_loads -= 1
+                return Response(b"Service Unavailable", status_code=503)
             if body["lora_name"] in self.adapters:
                 return Response(b"The lora adapter is already loaded.", status_code=400)
             if "missing" in body["lora_path"]:
@@ -142,7 +148,8 @@ class FakeUpstream:
 
     async def _stream(self, body: dict[str, Any]):  # type: ignore[no-untyped-def]
         model, rid = body["model"], f"chatcmpl-fake-{next(_IDS)}"
-        delay = 0.3 if model == "fake-slow" else 0.0
+        slow = model == "fake-slow" or "slow" in self.adapters.get(model, "")
+        delay = 0.3 if slow else 0.0
         try:
             yield _chunk(rid, model, {"role": "assistant", "content": ""})
             if model == "fake-tools":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 
 import openai
 import pytest
@@ -74,3 +75,59 @@ def test_new_weights_are_loaded_then_routed_and_the_old_ones_unloaded(
         assert upstream.adapters["reef-v1"] == "/ckpt/v1"
     finally:
         gw.stop()
+
+
+@pytest.fixture
+def direct_gateway(redis_server: RedisServer, upstream: FakeUpstream, namespace: str,
+                   tmp_path) -> Iterator[GatewayProcess]:  # type: ignore[no-untyped-def]
+    """A gateway told its upstream is a plain vLLM: it loads adapters itself."""
+    gw = GatewayProcess(redis_server.url, upstream.base_url, namespace, tmp_path,
+                        env={"REEF_ADAPTER_UNLOAD_GRACE_SECONDS": "0.2",
+                             "REEF_ADAPTER_NAME": "reef", "REEF_UPSTREAM_KIND": "vllm",
+                             "REEF_UPSTREAM_TIMEOUT_SECONDS": "30"})
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+def asker(gw: GatewayProcess, upstream: FakeUpstream) -> Callable[[], str]:
+    chat = openai.OpenAI(base_url=gw.url + "/v1", api_key=API_KEY, max_retries=0)
+
+    def ask() -> str:
+        """The model the upstream was asked for, for one request for ``reef``."""
+        chat.chat.completions.create(model="reef", messages=[{"role": "user", "content": "hi"}])
+        return str(upstream.requests[-1]["model"])
+
+    return ask
+
+
+def test_a_refused_load_is_tried_again_until_it_works(
+        direct_gateway: GatewayProcess, redis_server: RedisServer, upstream: FakeUpstream,
+        namespace: str) -> None:
+    ask = asker(direct_gateway, upstream)
+    upstream.refuse_loads = 2  # the upstream is busy for the first two tries
+    publish(redis_server.client(), namespace, 11)
+    wait_for(lambda: ask() == "reef-v11", timeout=20)
+    assert upstream.adapter_calls.count(("load", "reef-v11")) == 3
+    failed = direct_gateway.metric('reef_gateway_adapter_swaps_total{outcome="load_failed"}')
+    assert failed == 2
+
+
+def test_the_replaced_adapter_is_unloaded_once_the_requests_on_it_ended(
+        direct_gateway: GatewayProcess, redis_server: RedisServer, upstream: FakeUpstream,
+        namespace: str) -> None:
+    """Not after a set time: a stream on the old adapter outlives the grace period."""
+    ask = asker(direct_gateway, upstream)
+    client = redis_server.client()
+    publish(client, namespace, 12, path="/ckpt/slow")  # its answers stream for ~2 s
+    wait_for(lambda: ask() == "reef-v12")
+    chat = openai.OpenAI(base_url=direct_gateway.url + "/v1", api_key=API_KEY, max_retries=0)
+    stream = chat.chat.completions.create(model="reef", stream=True,
+                                          messages=[{"role": "user", "content": "hi"}])
+    chunks = [next(stream)]
+    publish(client, namespace, 13)
+    wait_for(lambda: ask() == "reef-v13")
+    chunks += list(stream)  # the stream on v12 ends well after the swap and the grace ...
+    assert chunks[-1].model == "reef-v12" and chunks[-1].choices[-1].finish_reason
+    assert ("unload", "reef-v12") not in upstream.adapter_calls  # ... and v12 outlived it
+    wait_for(lambda: ("unload", "reef-v12") in upstream.adapter_calls)

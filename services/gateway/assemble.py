@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 
 @dataclass(slots=True)
 class Answer:
@@ -126,3 +128,40 @@ def strip_unasked(data: dict[str, Any], logprobs: bool, token_ids: bool) -> None
                 choice["logprobs"] = None
             if token_ids:
                 choice.pop("token_ids", None)
+
+
+_KINDS = ("processed", "raw")
+
+
+def sampling_fields(body: dict[str, Any], stated: str | None) -> dict[str, Any]:
+    """How the recorded tokens were sampled, for the turn's ``sampled``: what the upstream
+    stated (``x-reef-sampling``, Reef's policy server: the kind of its logprobs and the
+    effective parameters, defaults included) over what the request sent upstream said
+    (``temperature``, ``top_p``, ``top_k``, ``seed``; None where it said nothing). Values
+    of the wrong type become None, so a turn always validates."""
+    said: dict[str, Any] = {}
+    if stated:
+        try:
+            parsed = orjson.loads(stated)
+        except orjson.JSONDecodeError:
+            parsed = None
+        said = parsed if isinstance(parsed, dict) else {}
+    temperature = _number(said.get("temperature", body.get("temperature")))
+    top_k = _integer(said.get("top_k", body.get("top_k")))
+    kind = said.get("logprobs_kind")
+    greedy = said.get("greedy")
+    return {
+        "logprobs_kind": kind if kind in _KINDS else None,
+        "temperature": temperature, "top_p": _number(said.get("top_p", body.get("top_p"))),
+        "top_k": top_k, "seed": _integer(said.get("seed", body.get("seed"))),
+        "greedy": greedy if isinstance(greedy, bool) else (temperature == 0.0 or top_k == 1),
+    }
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else None
+
+
+def _integer(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

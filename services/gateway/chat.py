@@ -16,19 +16,23 @@ from typing import Any
 import aiohttp
 import orjson
 
-from services.gateway.adapters import AdapterRouter
-from services.gateway.assemble import Answer, StreamAssembler, from_response, strip_unasked
+from services.gateway.adapters import POLICY_VERSION_HEADER, AdapterRouter
+from services.gateway.assemble import (
+    Answer,
+    StreamAssembler,
+    from_response,
+    sampling_fields,
+    strip_unasked,
+)
 from services.gateway.errors import APIError, error_body, upstream_error
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.recorder import Recorder
 from services.gateway.request import ChatRequest
 from services.gateway.skills import SkillInjector
 from services.gateway.upstream import Upstream
-from shared.messages import new_id
+from shared.messages import SAMPLING_HEADER, new_id
 from shared.settings import Settings
 
-POLICY_VERSION_HEADER = "x-reef-policy-version"
-"""Header by which a policy server names the weights that produced an answer."""
 DURABLE_WAIT_SECONDS = 2.0
 """Longest an answer's last bytes wait for its turn to be in Redis or the spool (a
 pipeline round trip, normally); past it the answer goes out and the turn stays queued."""
@@ -41,6 +45,9 @@ class Reply:
     session_id: str
     body: bytes = b""
     events: AsyncIterator[bytes] | None = None
+    routed: str | None = None
+    """The adapter a streamed answer was routed to: released (``AdapterRouter.release``)
+    by whoever sends the stream, once it ended."""
 
 
 class ChatHandler:
@@ -79,11 +86,34 @@ class ChatHandler:
 
     async def __call__(self, chat: ChatRequest, tenant: str, started: float,
                        raw: bytes) -> Reply:
-        """Forward ``chat``; ``raw`` is the client's body, sent as is when unchanged."""
+        """Forward ``chat``; ``raw`` is the client's body, sent as is when unchanged. A
+        request routed to an adapter is counted on it (``AdapterRouter.hold``) until its
+        answer ended: the upstream keeps that adapter loaded meanwhile."""
         adapter = self._router.route(tenant, chat.body["model"])
-        if adapter is not None:
-            chat.body["model"] = adapter
-            chat.changed = True
+        if adapter is None:
+            return await self._forward(chat, tenant, started, raw)
+        chat.body["model"] = adapter
+        chat.changed = True
+        self._router.hold(adapter)
+        try:
+            reply = await self._forward(chat, tenant, started, raw)
+        except BaseException:
+            self._router.release(adapter)
+            raise
+        if reply.events is None:
+            self._router.release(adapter)
+        else:
+            reply.routed = adapter
+        return reply
+
+    def release(self, reply: Reply) -> None:
+        """A streamed reply was sent (or abandoned): its adapter is free of it."""
+        if reply.routed is not None:
+            self._router.release(reply.routed)
+            reply.routed = None
+
+    async def _forward(self, chat: ChatRequest, tenant: str, started: float,
+                       raw: bytes) -> Reply:
         skill_ids: tuple[str, ...] = ()
         if self._skills is not None and chat.turn_type == "main":
             skill_ids = await self._skills.inject(chat, tenant)
@@ -208,6 +238,9 @@ class ChatHandler:
         latency = time.perf_counter() - started
         self._seconds[chat.stream].observe(latency)
         body = chat.body
+        sampled = answer.sampled()
+        if sampled is not None:
+            sampled.update(sampling_fields(body, resp.headers.get(SAMPLING_HEADER)))
         return self._recorder.record({
             "kind": "turn.v1", "id": new_id(), "created_at": time.time(),
             "tenant": tenant, "session_id": chat.session_id, "turn_type": chat.turn_type,
@@ -217,7 +250,7 @@ class ChatHandler:
             "messages": body["messages"],
             "request_params": {k: v for k, v in body.items() if k != "messages"},
             "response_message": answer.message, "finish_reason": answer.finish_reason,
-            "usage": answer.usage, "sampled": answer.sampled(),
+            "usage": answer.usage, "sampled": sampled,
             "latency_seconds": latency, "stream": chat.stream, "completed": completed,
             "skill_ids": skill_ids, "response_id": answer.response_id,
             "caller": chat.caller,

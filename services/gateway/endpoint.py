@@ -107,8 +107,11 @@ class ChatEndpoint:
         session = [(b"x-reef-session-id", reply.session_id.encode())]
         if reply.events is None:
             await send_whole(send, 200, reply.body, session)
-        else:
+            return
+        try:
             await self._stream(reply, receive, send, session)
+        finally:
+            self._chat.release(reply)
 
     @staticmethod
     async def _stream(reply: Reply, receive: Receive, send: Send,

@@ -32,6 +32,8 @@ class GatewayMetrics:
     spool_bytes: Gauge
     adapter_swaps: Counter
     live_version: Gauge
+    policy_replicas: Gauge
+    adapters_waiting: Gauge
     weights_live_seconds: Histogram
     skills_injected: Histogram
     skill_retrieval_seconds: Histogram
@@ -67,11 +69,20 @@ class GatewayMetrics:
             spool_bytes=Gauge("reef_gateway_spool_bytes", "Size of the local spool file.",
                               registry=reg),
             adapter_swaps=Counter("reef_gateway_adapter_swaps_total",
-                                  "New adapters by outcome (ok, load_failed, bad_event).",
+                                  "New adapters by outcome (ok: routed to; load_failed: a load "
+                                  "on a vllm upstream failed, retried; bad_event).",
                                   ["outcome"], registry=reg),
             live_version=Gauge("reef_gateway_live_adapter_version",
                                "Version of the adapter new requests are routed to.",
                                registry=reg),
+            policy_replicas=Gauge(
+                "reef_gateway_policy_replicas",
+                "Live policy replicas in the adapter registry (upstream_kind reef).",
+                registry=reg),
+            adapters_waiting=Gauge(
+                "reef_gateway_adapters_waiting",
+                "Tenants whose newest published adapter is not routed to yet (not held by "
+                "every policy replica yet, upstream_kind reef).", registry=reg),
             weights_live_seconds=Histogram(
                 "reef_gateway_weights_live_seconds",
                 "From the trainer taking a full batch to the adapter it trained serving new "
