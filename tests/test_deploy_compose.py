@@ -42,6 +42,7 @@ TEST_ENV = {
     "REEF_API_KEYS": '{"sk-compose-test-4d2e8a": "team-a"}',
     "REEF_ADMIN_KEY": "admin-key-91b7c3d5e2",
     "REEF_METRICS_KEY": "metrics-key-2c8e6f0a4d",
+    "REEF_UPSTREAM_API_KEY": "upstream-key-8b3f1c7e2a",
     "GRAFANA_ADMIN_PASSWORD": "grafana-pw-5e1d7b",
 }
 """Real-looking secrets for the temporary .env (the example's placeholders are refused)."""
@@ -255,7 +256,28 @@ def test_services_accept_what_compose_passes(rendered: dict[str, Any]) -> None:
         result = settings_in_container(environment)
         assert result.returncode == 0, (name, result.stderr[-2000:])
     # Without the entrypoint these would be refused ("" is a placeholder secret).
-    assert {"REEF_UPSTREAM_API_KEY", "REEF_PRM_API_KEY", "TINKER_API_KEY"} <= empty
+    assert {"REEF_PRM_API_KEY", "TINKER_API_KEY"} <= empty
+
+
+def test_the_policy_server_gets_the_key_the_gateway_sends(rendered: dict[str, Any],
+                                                          tmp_path: Path) -> None:
+    """The policy server is closed: it requires the gateway's upstream key, which .env
+    must set (compose refuses to render without it)."""
+    services = rendered["services"]
+    key = TEST_ENV["REEF_UPSTREAM_API_KEY"]
+    assert services["policy"]["environment"]["REEF_UPSTREAM_API_KEY"] == key
+    assert services["gateway"]["environment"]["REEF_UPSTREAM_API_KEY"] == key
+    assert "ports" not in services["policy"]  # reachable on the compose network only
+    env = {k: v for k, v in {**env_example(), **TEST_ENV}.items()
+           if k != "REEF_UPSTREAM_API_KEY"}
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    result = subprocess.run(
+        [docker_compose(), "--env-file", str(env_file), "-f", str(COMPOSE), "config"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
+    assert result.returncode != 0
+    assert "set REEF_UPSTREAM_API_KEY in .env" in result.stderr
 
 
 def test_services_refuse_the_example_placeholders(tmp_path: Path) -> None:

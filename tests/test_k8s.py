@@ -160,7 +160,8 @@ def test_config_secret_and_volume_references_resolve() -> None:
                     secret_keys.add(ref["key"])
             for mount in container.get("volumeMounts", []):
                 assert mount["name"] in volumes
-    assert {"redis-password", "api-keys", "admin-key", "metrics-key"} <= secret_keys
+    assert {"redis-password", "api-keys", "admin-key", "metrics-key",
+            "upstream-api-key"} <= secret_keys
     # Trainer writes adapters where the policy server reads them: one shared claim.
     def claim(name: str) -> str:
         pod = by_name("Deployment")[name]["spec"]["template"]["spec"]
@@ -207,7 +208,8 @@ def test_each_deployment_environment_is_accepted_by_settings(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """ConfigMap + literal env + the Secret's required keys build Settings (prod)."""
     secret_values = {"redis-password": "k8s-redis-pw-3e9d", "api-keys": '{"sk-k8s-7a1c": "t"}',
-                     "admin-key": "k8s-admin-5b2f", "metrics-key": "k8s-metrics-8c4e"}
+                     "admin-key": "k8s-admin-5b2f", "metrics-key": "k8s-metrics-8c4e",
+                     "upstream-api-key": "k8s-upstream-6d0b"}
     monkeypatch.chdir(tmp_path)  # no .env or reef.toml of the checkout
     for name in sorted(REEF_DEPLOYMENTS):
         [container] = containers(by_name("Deployment")[name])
@@ -227,6 +229,52 @@ def test_each_deployment_environment_is_accepted_by_settings(
         assert settings.profile == "prod"
         assert settings.redis_password is not None
         assert settings.redis_password.get_secret_value() == secret_values["redis-password"]
+
+
+def secret_env(deployment: str, name: str) -> dict[str, Any] | None:
+    """The secretKeyRef of an environment variable of a Deployment's container."""
+    [container] = containers(by_name("Deployment")[deployment])
+    for env in container.get("env", []):
+        if env["name"] == name:
+            ref: dict[str, Any] | None = env.get("valueFrom", {}).get("secretKeyRef")
+            return ref
+    return None
+
+
+def test_the_policy_server_is_closed_to_all_but_gateways_and_trainers() -> None:
+    """Its key comes from the Secret (required, the same the gateways send), and a
+    NetworkPolicy admits only gateway and trainer pods, on its API port."""
+    for name in ("policy", "gateway"):
+        ref = secret_env(name, "REEF_UPSTREAM_API_KEY")
+        assert ref is not None, name
+        assert (ref["name"], ref["key"], ref.get("optional", False)) == (
+            SECRET, "upstream-api-key", False), name
+    deployments = by_name("Deployment")
+
+    def pods(name: str) -> dict[str, str]:
+        labels: dict[str, str] = deployments[name]["spec"]["template"]["metadata"]["labels"]
+        return labels
+
+    [policy] = [p for p in objects("NetworkPolicy")
+                if p["spec"]["podSelector"]["matchLabels"].items() <= pods("policy").items()]
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    [rule] = spec["ingress"]
+    admitted = {name for name in deployments
+                if any(peer["podSelector"]["matchLabels"].items() <= pods(name).items()
+                       for peer in rule["from"])}
+    assert admitted == {"gateway", "trainer"}
+    assert all(set(peer) == {"podSelector"} for peer in rule["from"])  # no wider peers
+    [container] = containers(deployments["policy"])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert [(p["protocol"], p["port"]) for p in rule["ports"]] == [("TCP", "http")]
+    assert "http" in ports
+    # No other NetworkPolicy opens the policy pods to anyone else.
+    others = [p for p in objects("NetworkPolicy")
+              if p["metadata"]["name"] != policy["metadata"]["name"]]
+    assert not [p for p in others
+                if p["spec"]["podSelector"].get("matchLabels", {}).items()
+                <= pods("policy").items()]
 
 
 def test_kustomize_build() -> None:
