@@ -39,7 +39,8 @@ class WeightsLog:
 
     def __init__(self) -> None:
         self._tenants: dict[str, list[WeightsEventV1]] = {}
-        self._owners: dict[str, str] = {}
+        self.owners: dict[str, str] = {}
+        """Adapter -> the tenant it was published for (read it, never write it)."""
         self._seen: set[str] = set()
 
     def apply(self, event: WeightsEventV1) -> bool:
@@ -48,7 +49,7 @@ class WeightsLog:
         if event.id in self._seen:
             return False
         self._seen.add(event.id)
-        self._owners[event.adapter] = event.tenant
+        self.owners[event.adapter] = event.tenant
         history = [e for e in self._tenants.get(event.tenant, ()) if e.adapter != event.adapter]
         self._tenants[event.tenant] = [event, *history][:KEPT_PER_TENANT]
         return True
@@ -66,11 +67,11 @@ class WeightsLog:
 
     def owner(self, adapter: str) -> str | None:
         """The tenant an adapter was published for (None: never seen)."""
-        return self._owners.get(adapter)
+        return self.owners.get(adapter)
 
     def event_for(self, adapter: str) -> WeightsEventV1 | None:
         """The newest event naming ``adapter`` still remembered."""
-        tenant = self._owners.get(adapter)
+        tenant = self.owners.get(adapter)
         for event in self._tenants.get(tenant or "", ()):
             if event.adapter == adapter:
                 return event

@@ -58,13 +58,15 @@ class AdapterRouter:
         self._stream = Keys(settings.namespace).stream(WEIGHTS)
         self._routed = frozenset({settings.adapter_name, settings.model_name})
         self.weights = WeightsLog()
+        self._owners = self.weights.owners
         self.live: dict[str, WeightsEventV1] = {}
         """Tenant -> the adapter its requests are routed to."""
         self.holds: dict[str, int] = {}
         """Adapter -> requests this gateway sent to it that have not ended."""
         self.base_name: str | None = None
         """Sent instead of the adapter alias while a tenant has no live adapter (``reef``:
-        the replicas' base model name); None leaves the request's name as it is."""
+        the replicas' base model name, ``model_name`` until one registered: the policy
+        server answers any other name 404); None (``vllm``) leaves the name as it is."""
         self.kind: UpstreamKind | None = None
         self._fresh: set[str] = set()
         """Events that arrived while following (not at start): their swap is timed."""
@@ -78,7 +80,8 @@ class AdapterRouter:
         """The adapter name to send instead of ``model``, or None to leave it; a 404 when
         ``model`` names another tenant's adapter (a client may name any model, and the
         upstream serves whatever adapter is loaded)."""
-        if not self.visible(tenant, model):
+        owner = self._owners.get(model)
+        if owner is not None and owner != tenant and owner != SHARED_TENANT:
             raise APIError(404, f"The model '{model}' does not exist or you do not have "
                                 "access to it.", code="model_not_found", param="model")
         if model not in self._routed:
@@ -131,6 +134,8 @@ class AdapterRouter:
     async def _run(self) -> None:
         self.kind = await self._detect()
         log.info("gateway.upstream_kind", extra={"kind": self.kind})
+        if self.kind == "reef":  # until a replica's registry entry names its base model
+            self.base_name = self.base_name or self._settings.model_name
         last = await catch_up(self._redis, self._stream, self._on_event, self._on_bad)
         if self.kind == "vllm":
             for tenant in self.weights.tenants():

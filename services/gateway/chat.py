@@ -90,46 +90,38 @@ class ChatHandler:
         request routed to an adapter is counted on it (``AdapterRouter.hold``) until its
         answer ended: the upstream keeps that adapter loaded meanwhile."""
         adapter = self._router.route(tenant, chat.body["model"])
-        if adapter is None:
-            return await self._forward(chat, tenant, started, raw)
-        chat.body["model"] = adapter
-        chat.changed = True
-        self._router.hold(adapter)
+        streamed = False
+        if adapter is not None:
+            chat.body["model"] = adapter
+            chat.changed = True
+            self._router.hold(adapter)
         try:
-            reply = await self._forward(chat, tenant, started, raw)
-        except BaseException:
-            self._router.release(adapter)
-            raise
-        if reply.events is None:
-            self._router.release(adapter)
-        else:
-            reply.routed = adapter
-        return reply
+            skill_ids: tuple[str, ...] = ()
+            if self._skills is not None and chat.turn_type == "main":
+                skill_ids = await self._skills.inject(chat, tenant)
+            strips = self._ask_for_training_data(chat)
+            payload = orjson.dumps(chat.body) if chat.changed or any(strips) else raw
+            resp = await self._upstream.request("POST", "/chat/completions", payload)
+            if resp.status >= 400:
+                try:
+                    body = await resp.read()
+                finally:
+                    resp.release()
+                raise upstream_error(resp.status, body)
+            if chat.stream and resp.content_type == "text/event-stream":
+                streamed = True  # released by the endpoint once the stream was sent
+                return Reply(chat.session_id, events=self._relay(
+                    resp, chat, tenant, started, strips, skill_ids), routed=adapter)
+            return await self._whole(resp, chat, tenant, started, strips, skill_ids)
+        finally:
+            if adapter is not None and not streamed:
+                self._router.release(adapter)
 
     def release(self, reply: Reply) -> None:
         """A streamed reply was sent (or abandoned): its adapter is free of it."""
         if reply.routed is not None:
             self._router.release(reply.routed)
             reply.routed = None
-
-    async def _forward(self, chat: ChatRequest, tenant: str, started: float,
-                       raw: bytes) -> Reply:
-        skill_ids: tuple[str, ...] = ()
-        if self._skills is not None and chat.turn_type == "main":
-            skill_ids = await self._skills.inject(chat, tenant)
-        strips = self._ask_for_training_data(chat)
-        payload = orjson.dumps(chat.body) if chat.changed or any(strips) else raw
-        resp = await self._upstream.request("POST", "/chat/completions", payload)
-        if resp.status >= 400:
-            try:
-                body = await resp.read()
-            finally:
-                resp.release()
-            raise upstream_error(resp.status, body)
-        if chat.stream and resp.content_type == "text/event-stream":
-            return Reply(chat.session_id,
-                         events=self._relay(resp, chat, tenant, started, strips, skill_ids))
-        return await self._whole(resp, chat, tenant, started, strips, skill_ids)
 
     async def _whole(self, resp: aiohttp.ClientResponse, chat: ChatRequest, tenant: str,
                      started: float, strips: tuple[bool, bool, bool],
