@@ -10,6 +10,12 @@ an upstream that speaks vLLM's dynamic LoRA routes, one of:
 - ``policy``: Reef's policy server (``python -m services.policy``) with SmolLM2-135M; a
   load there really reads and converts the adapter on the same 2 CPUs that generate, so
   this shows what a user of the embedded model sees, with CPU-bound noise.
+- ``replicas``: issue 12's setting: two policy replicas behind a round-robin balancer
+  (``tests/round_robin.py``, its own process), two gateways, the load split between them.
+  The replicas follow the ``weights`` stream and register what they hold; the gateways
+  route to a version once both hold it. The model is a tiny random Llama
+  (``tests/tiny_policy.py``, a millisecond per token), so loads and generation are cheap
+  and what moves p99 is the swap machinery (loads, registry, routing, unloads).
 
 Adapters are real PEFT adapters of the converted SmolLM2 (r=16 on q/k/v/o, random B),
 made once under ``var/bench/adapters/``. An open-loop load generator (asyncio + aiohttp,
@@ -43,6 +49,7 @@ from bench import swap_load
 from bench.procs import Child, free_port, http_ok, own_cpu_seconds, running, system_busy_seconds
 from bench.swap_load import Window
 from bench.systems import ROOT, Target, redis_server, reef_gateway
+from tests.tiny_policy import make_tiny_policy_model
 
 MODEL = "SmolLM2-135M-Instruct"
 ADAPTER_DIR = ROOT / "var" / "bench" / "adapters" / "smollm2-r16-qkvo"
@@ -51,13 +58,15 @@ ADAPTER_NAME = "reef"
 """The model name clients ask for; the gateway routes it to the live adapter."""
 MAX_P99_RATIO = 1.2
 """Target: p99 during swaps over p99 idle."""
-UPSTREAMS = ("fake", "policy")
+UPSTREAMS = ("fake", "policy", "replicas")
+TINY_DIR = ROOT / "var" / "bench" / "tiny-policy"
+"""The ``replicas`` upstream's data directory: the tiny model and its adapters."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("hot-swap part")
     group.add_argument("--swap-upstreams", default=",".join(UPSTREAMS),
-                       help="comma-separated subset of fake,policy (default: both)")
+                       help="comma-separated subset of fake,policy,replicas (default: all)")
     group.add_argument("--swap-seconds", type=float, default=10.0,
                        help="per window, fake upstream (default 10)")
     group.add_argument("--swap-policy-seconds", type=float, default=15.0,
@@ -115,17 +124,34 @@ def fake_lora_upstream(log_dir: Path, delay_ms: float) -> Iterator[Target]:
 
 
 @contextmanager
-def policy_server(log_dir: Path) -> Iterator[Target]:
-    """Reef's policy server on the converted model cached in ``var/``."""
+def policy_server(log_dir: Path, redis_url: str, name: str = "policy",
+                  model: str = MODEL, data_dir: Path = ROOT / "var") -> Iterator[Target]:
+    """Reef's policy server (by default on the converted model cached in ``var/``), a
+    replica following the benchmark Redis's ``weights`` stream."""
     port = free_port()
-    env = {**os.environ, "REEF_PROFILE": "dev", "REEF_DATA_DIR": str(ROOT / "var"),
+    env = {**os.environ, "REEF_PROFILE": "dev", "REEF_DATA_DIR": str(data_dir),
            "REEF_POLICY_HOST": "127.0.0.1", "REEF_POLICY_PORT": str(port),
-           "REEF_MODEL_NAME": MODEL, "REEF_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
-           "OMP_WAIT_POLICY": "PASSIVE"}
+           "REEF_MODEL_NAME": model, "REEF_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
+           "OMP_WAIT_POLICY": "PASSIVE", "REEF_REDIS_URL": redis_url,
+           "REEF_NAMESPACE": swap_load.NAMESPACE, "REEF_POLICY_REPLICA_ID": name,
+           # Two replicas on two CPUs: one torch thread each, not two each.
+           **({"REEF_POLICY_THREADS": "1"} if name.startswith("replica") else {})}
     argv = [sys.executable, "-m", "services.policy"]
     probe = http_ok(f"http://127.0.0.1:{port}/readyz")
-    with running("policy", argv, log_dir, probe, env=env, cwd=ROOT, timeout=240) as child:
-        yield Target("policy", f"http://127.0.0.1:{port}/v1", child)
+    with running(name, argv, log_dir, probe, env=env, cwd=ROOT, timeout=240) as child:
+        yield Target(name, f"http://127.0.0.1:{port}/v1", child)
+
+
+@contextmanager
+def balancer(log_dir: Path, backends: list[Target]) -> Iterator[Target]:
+    """A round-robin balancer (its own process) over ``backends``."""
+    port = free_port()
+    argv = [sys.executable, "-m", "tests.round_robin", "--port", str(port)]
+    for backend in backends:
+        argv += ["--backend", backend.base_url.removesuffix("/v1")]
+    probe = http_ok(f"http://127.0.0.1:{port}/healthz")
+    with running("balancer", argv, log_dir, probe, cwd=ROOT) as child:
+        yield Target("balancer", f"http://127.0.0.1:{port}/v1", child)
 
 
 # --- one upstream's run --------------------------------------------------------------------
@@ -146,25 +172,45 @@ def run_upstream(args: argparse.Namespace, name: str, adapters: list[Path], log_
     log_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         redis_url, redis = stack.enter_context(redis_server(log_dir, None))
-        upstream = stack.enter_context(
-            fake_lora_upstream(log_dir, args.swap_load_delay_ms) if name == "fake"
-            else policy_server(log_dir))
-        gateway = stack.enter_context(reef_gateway(
-            log_dir, None, upstream.base_url, redis_url,
+        upstreams = _upstreams(stack, args, name, log_dir, redis_url)
+        front = (stack.enter_context(balancer(log_dir, upstreams)) if len(upstreams) > 1
+                 else upstreams[0])
+        gateway_dirs = [log_dir / f"gw{i}" for i in range(2 if name == "replicas" else 1)]
+        for folder in gateway_dirs:
+            folder.mkdir(exist_ok=True)
+        gateways = [stack.enter_context(reef_gateway(
+            folder, None, front.base_url, redis_url,
             extra_env={"REEF_ADAPTER_UNLOAD_GRACE_SECONDS": "2",
                        "REEF_ADAPTER_NAME": ADAPTER_NAME, "REEF_LOG_LEVEL": "WARNING"}))
-        children = [redis, upstream.child, gateway.child]
-        measured = asyncio.run(_drive(args, name, adapters, redis_url, gateway, children))
+            for folder in gateway_dirs]
+        children = [redis, front.child, *(u.child for u in upstreams),
+                    *(g.child for g in gateways)]
+        if name == "replicas":
+            adapters = make_tiny_policy_model(TINY_DIR)[1]
+        measured = asyncio.run(_drive(args, name, adapters, redis_url, gateways,
+                                      list({id(c): c for c in children}.values())))
         if name == "fake":
-            measured.loads = _fake_loads(upstream.base_url)
+            measured.loads = _fake_loads(front.base_url)
         return measured
 
 
+def _upstreams(stack: ExitStack, args: argparse.Namespace, name: str, log_dir: Path,
+               redis_url: str) -> list[Target]:
+    if name == "fake":
+        return [stack.enter_context(fake_lora_upstream(log_dir, args.swap_load_delay_ms))]
+    if name == "policy":
+        return [stack.enter_context(policy_server(log_dir, redis_url))]
+    model_dir, _ = make_tiny_policy_model(TINY_DIR)
+    return [stack.enter_context(policy_server(log_dir, redis_url, f"replica-{r}",
+                                              str(model_dir), TINY_DIR)) for r in "ab"]
+
+
 async def _drive(args: argparse.Namespace, name: str, adapters: list[Path], redis_url: str,
-                 gateway: Target, children: list[Child]) -> Measured:
+                 gateways: list[Target], children: list[Child]) -> Measured:
     gc.collect()
     gc.freeze()  # what is alive now is never scanned again: shorter collections later
-    async with swap_load.Driver(gateway.base_url, redis_url, adapters) as driver:
+    urls = [g.base_url for g in gateways]
+    async with swap_load.Driver(urls, redis_url, adapters) as driver:
         await driver.go_live(1)
         if name == "fake":
             rate, note = args.swap_rate, "fixed"
@@ -174,9 +220,9 @@ async def _drive(args: argparse.Namespace, name: str, adapters: list[Path], redi
             service = await driver.service_time()
             rate = round(0.4 / service, 2)
             note = f"40% of 1 / {service * 1000:.0f} ms (one request alone)"
-        print(f"  {name}: gateway {gateway.base_url}, {rate:g} req/s ({note}); warm-up ...",
-              flush=True)
-        seconds = args.swap_seconds if name == "fake" else args.swap_policy_seconds
+        print(f"  {name}: gateway(s) {', '.join(urls)}, {rate:g} req/s ({note}); "
+              "warm-up ...", flush=True)
+        seconds = args.swap_policy_seconds if name == "policy" else args.swap_seconds
         await driver.window("warm-up", rate, min(5.0, seconds), events=0)
         windows = []
         for round_no in range(args.swap_rounds):

@@ -128,17 +128,25 @@ class Replica:
         self.caught_up = True
         log.info("policy.replica_caught_up replica=%s adapters=%d", self.id,
                  len(self._adapters))
-        follower = asyncio.create_task(
-            follow(self._redis, self._stream, last, self._on_event, self._on_bad))
+        tasks = [asyncio.create_task(follow(self._redis, self._stream, last, self._on_event,
+                                            self._on_bad)),
+                 asyncio.create_task(self._heartbeat())]
         try:
             while True:
-                await self._register()
                 with contextlib.suppress(TimeoutError):  # the interval's tick
                     await asyncio.wait_for(self._wake.wait(), self._interval)
                 self._wake.clear()
                 await self._reconcile()
         finally:
-            follower.cancel()
+            for task in tasks:
+                task.cancel()
+
+    async def _heartbeat(self) -> None:
+        """Refresh the registry entry every interval, also while a slow load (Tinker) runs:
+        an entry left to expire would make gateways count this replica out."""
+        while True:
+            await self._register()
+            await asyncio.sleep(self._interval)
 
     async def close(self) -> None:
         """Leave the registry (a clean stop; a crash lets the entry expire)."""
