@@ -30,6 +30,10 @@ from shared.keys import TURNS, Keys
 
 log = logging.getLogger("reef.gateway.recorder")
 
+OWNER_FIELD = "~owner"
+"""The field of a session's response-id hash holding its owner (no response id starts with
+``~``)."""
+
 # Idempotent append: a turn id seen before is skipped; otherwise the session's counter
 # gives the turn index, spliced into the JSON (the payload always ends with '}' and has
 # no turn_index of its own). Splicing keeps the JSON byte-exact: cjson would round floats.
@@ -40,7 +44,7 @@ _RECORD_LUA = """
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) == false then return -1 end
 local n = redis.call('INCR', KEYS[3]) - 1
 redis.call('EXPIRE', KEYS[3], ARGV[5])
-if ARGV[6] ~= '' then redis.call('HSETNX', KEYS[4], '~owner', ARGV[6]) end
+if ARGV[6] ~= '' then redis.call('HSETNX', KEYS[4], '""" + OWNER_FIELD + """', ARGV[6]) end
 if ARGV[4] ~= '' or ARGV[6] ~= '' then
   if ARGV[4] ~= '' then redis.call('HSET', KEYS[4], ARGV[4], n) end
   redis.call('EXPIRE', KEYS[4], ARGV[5])
@@ -50,9 +54,6 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'kind', 'turn.v1', 'dat
 return n
 """
 
-OWNER_FIELD = "~owner"
-"""The field of a session's response-id hash holding its owner (no response id starts with
-``~``)."""
 RETRY_SECONDS = 1.0
 """How often a recorder in spool mode checks whether Redis is back."""
 

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -75,12 +76,10 @@ class AdapterClaims:
 
     async def keep(self, stopping: asyncio.Event) -> None:
         """Renew the claims until ``stopping``, then release them (a background task)."""
-        while not stopping.is_set():
-            try:
+        while True:
+            with suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), RENEW_SECONDS)
-            except TimeoutError:
-                pass
-            else:
+            if stopping.is_set():
                 break
             try:
                 for adapter, key in zip(self._adapters, self._keys, strict=True):
